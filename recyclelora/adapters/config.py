@@ -1,0 +1,53 @@
+"""The one object that says how a model is adapted."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+InitKind = Literal["rrqr", "svd", "kaiming"]
+
+
+@dataclass(frozen=True)
+class RecycleLoRAConfig:
+    """Dual-adapter settings (REFERENCE §1).
+
+    main_rank: rank of the main adapter, initialised from the minor RRQR directions.
+    sub_rank: rank of the sub adapter, initialised from the major RRQR directions.
+    alpha: the scaling is ``alpha / (main_rank + sub_rank)``; the authors use 1.
+    init: "rrqr" (the paper), "svd" (SoMA-style minor / PiSSA-style major singular triplets) or
+        "kaiming" (standard LoRA: Kaiming-uniform A, zero B) — the ablations of Tables 3 and 12.
+    target_modules: an ``nn.Linear`` is adapted when the last component of its qualified name is
+        one of these (DINOv2: ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``).
+    qr_dtype: precision of the decomposition. float64 reproduces the reference pivots; float32
+        is about 3x faster but may reorder near-tied trailing pivots.
+    """
+
+    main_rank: int = 32
+    sub_rank: int = 4
+    alpha: float = 1.0
+    init: InitKind = "rrqr"
+    target_modules: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+    qr_dtype: Literal["float64", "float32"] = "float64"
+
+    def __post_init__(self) -> None:
+        if self.main_rank < 0 or self.sub_rank < 0:
+            raise ValueError(f"ranks must be >= 0, got main={self.main_rank} sub={self.sub_rank}")
+        if self.main_rank + self.sub_rank == 0:
+            raise ValueError("main_rank + sub_rank must be > 0: there would be nothing to train")
+        if self.init not in ("rrqr", "svd", "kaiming"):
+            raise ValueError(f"init must be 'rrqr', 'svd' or 'kaiming', got {self.init!r}")
+        if self.qr_dtype not in ("float64", "float32"):
+            raise ValueError(f"qr_dtype must be 'float64' or 'float32', got {self.qr_dtype!r}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.main_rank + self.sub_rank)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RecycleLoRAConfig:
+        return cls(**{**d, "target_modules": tuple(d.get("target_modules", cls.target_modules))})

@@ -1,0 +1,109 @@
+"""Initial adapter factors from a pre-trained weight: RRQR (the paper), SVD and Kaiming ablations.
+
+Every function returns ``(main, sub)``, each a pair ``(B0, A0)`` with ``B0`` (d, r) and ``A0``
+(r, k) in float64 on the CPU, or ``None`` when that adapter has rank 0. The caller builds the frozen
+residual ``W0 - s (B0_main A0_main + B0_sub A0_sub)`` from them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.linalg
+import torch
+
+Factors = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def check_ranks(shape: tuple[int, int], main_rank: int, sub_rank: int) -> None:
+    """Main and sub take disjoint directions among the m = min(d, k) available ones."""
+    m = min(shape)
+    if main_rank + sub_rank > m:
+        raise ValueError(
+            f"main_rank + sub_rank = {main_rank + sub_rank} exceeds min(out, in) = {m} of a "
+            f"{shape[0]}x{shape[1]} layer: the two adapters would overlap. Lower the ranks or "
+            "exclude this layer from target_modules."
+        )
+
+
+def one_hot_rows(columns: np.ndarray, k: int) -> torch.Tensor:
+    """(r, k) float64 matrix with row i equal to the unit vector at ``columns[i]``."""
+    a = torch.zeros(len(columns), k, dtype=torch.float64)
+    a[torch.arange(len(columns)), torch.as_tensor(columns, dtype=torch.long)] = 1.0
+    return a
+
+
+def rrqr_factors(
+    weight: torch.Tensor, main_rank: int, sub_rank: int, qr_dtype: str = "float64"
+) -> tuple[Factors, Factors]:
+    """REFERENCE §1 steps 1-3 with a single column-pivoted QR (LAPACK geqp3) for both adapters.
+
+    ``W0[:, P] = Q R`` with m = min(d, k): the main adapter takes the minor directions
+    ``Q[:, m-r:m]`` with one-hot A rows at ``P[m-r:m]``; the sub adapter the major ``Q[:, :r]``
+    with one-hot rows at ``P[:r]``. PyTorch has no pivoted QR (nor has cuSOLVER), so this runs on
+    the CPU whatever the layer's device.
+    """
+    d, k = weight.shape
+    check_ranks((d, k), main_rank, sub_rank)
+    w = weight.detach().to("cpu", torch.float64).numpy().astype(qr_dtype, copy=False)
+    q, _, piv = scipy.linalg.qr(w, pivoting=True, mode="economic")
+    m = min(d, k)
+    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float64))
+    main = sub = None
+    if main_rank:
+        main = (q[:, m - main_rank : m].clone(), one_hot_rows(piv[m - main_rank : m], k))
+    if sub_rank:
+        sub = (q[:, :sub_rank].clone(), one_hot_rows(piv[:sub_rank], k))
+    return main, sub
+
+
+def svd_factors(
+    weight: torch.Tensor, main_rank: int, sub_rank: int, scaling: float
+) -> tuple[Factors, Factors]:
+    """Minor singular triplets for main (SoMA), major for sub (PiSSA), split as
+    ``B = U sqrt(S / s)``, ``A = sqrt(S / s) V^T`` so that ``s B A`` is the truncated component."""
+    d, k = weight.shape
+    check_ranks((d, k), main_rank, sub_rank)
+    u, s, vh = torch.linalg.svd(weight.detach().to("cpu", torch.float64), full_matrices=False)
+    m = s.numel()
+    root = (s / scaling).sqrt()
+
+    def pick(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return u[:, lo:hi] * root[lo:hi], root[lo:hi, None] * vh[lo:hi]
+
+    main = pick(m - main_rank, m) if main_rank else None
+    sub = pick(0, sub_rank) if sub_rank else None
+    return main, sub
+
+
+def kaiming_factors(
+    weight: torch.Tensor, main_rank: int, sub_rank: int, generator: torch.Generator | None = None
+) -> tuple[Factors, Factors]:
+    """Standard LoRA: A Kaiming-uniform (a = sqrt(5), as nn.Linear), B zero — a zero update."""
+    d, k = weight.shape
+    bound = 1.0 / math.sqrt(k)  # kaiming_uniform_(a=sqrt(5)) on fan_in k
+
+    def pick(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.rand(r, k, dtype=torch.float64, generator=generator) * (2 * bound) - bound
+        return torch.zeros(d, r, dtype=torch.float64), a
+
+    return (pick(main_rank) if main_rank else None), (pick(sub_rank) if sub_rank else None)
+
+
+def initial_factors(
+    weight: torch.Tensor,
+    main_rank: int,
+    sub_rank: int,
+    init: str,
+    scaling: float,
+    qr_dtype: str = "float64",
+    generator: torch.Generator | None = None,
+) -> tuple[Factors, Factors]:
+    if init == "rrqr":
+        return rrqr_factors(weight, main_rank, sub_rank, qr_dtype)
+    if init == "svd":
+        return svd_factors(weight, main_rank, sub_rank, scaling)
+    if init == "kaiming":
+        return kaiming_factors(weight, main_rank, sub_rank, generator)
+    raise ValueError(f"unknown init {init!r}; expected 'rrqr', 'svd' or 'kaiming'")

@@ -1,0 +1,180 @@
+"""``RecycleLoRALinear``: a linear layer, frozen residual plus two trainable low-rank adapters."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RecycleLoRAConfig
+from .init import Factors, initial_factors
+
+ADAPTERS = ("main", "sub")
+
+
+class RecycleLoRALinear(nn.Module):
+    """``y = x W_res^T + b + s (x A_main^T B_main^T + x A_sub^T B_sub^T)`` (REFERENCE §1 eq. 6).
+
+    Parameters (state_dict keys): ``weight`` (d, k) the frozen residual, ``bias`` (d,) frozen,
+    ``lora_{main,sub}_A`` (r, k) and ``lora_{main,sub}_B`` (d, r) trainable. The buffers
+    ``lora_{main,sub}_{A0,B0}`` keep the initial factors: they define the residual
+    (``W_res = W0 - s Σ B0 A0``), so adapters can be re-attached to a fresh base model, and the
+    analysis tools can tell which input columns RRQR selected. An adapter of rank 0 has no tensors.
+
+    ``merge()`` caches ``W_res + s Σ B A`` and the forward becomes a single linear: the training
+    tensors are untouched, so ``unmerge()`` restores the training state bit-exactly.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        main_rank: int,
+        sub_rank: int,
+        alpha: float = 1.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.ranks = {"main": main_rank, "sub": sub_rank}
+        self.scaling = alpha / (main_rank + sub_rank)
+        self.alpha = alpha
+        self.init_kind = "unset"
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), False)
+        self.bias = nn.Parameter(torch.empty(out_features, **kw), False) if bias else None
+        for name, r in self.ranks.items():
+            if r == 0:
+                continue
+            self.register_parameter(
+                f"lora_{name}_A", nn.Parameter(torch.empty(r, in_features, **kw))
+            )
+            self.register_parameter(
+                f"lora_{name}_B", nn.Parameter(torch.empty(out_features, r, **kw))
+            )
+            self.register_buffer(f"lora_{name}_A0", torch.empty(r, in_features, **kw))
+            self.register_buffer(f"lora_{name}_B0", torch.empty(out_features, r, **kw))
+        self.register_buffer("merged_weight", None, persistent=False)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        config: RecycleLoRAConfig,
+        generator: torch.Generator | None = None,
+    ) -> RecycleLoRALinear:
+        """Adapt a pre-trained ``nn.Linear``; its output is unchanged at initialisation.
+
+        On the meta device only shapes are built (for parameter counting without memory).
+        """
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            config.main_rank,
+            config.sub_rank,
+            config.alpha,
+            bias=linear.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        layer.init_kind = config.init
+        if w.is_meta:
+            return layer
+        main, sub = initial_factors(
+            w,
+            config.main_rank,
+            config.sub_rank,
+            config.init,
+            layer.scaling,
+            config.qr_dtype,
+            generator,
+        )
+        layer.reset_to_initial(w, linear.bias, {"main": main, "sub": sub})
+        return layer
+
+    @torch.no_grad()
+    def reset_to_initial(
+        self, base_weight: torch.Tensor, base_bias: torch.Tensor | None, factors: dict[str, Factors]
+    ) -> None:
+        """Set ``A = A0``, ``B = B0`` and the residual ``W0 - s Σ B0 A0`` (summed in float64)."""
+        delta = torch.zeros(base_weight.shape, dtype=torch.float64, device=base_weight.device)
+        for name, pair in factors.items():
+            if (pair is None) != (self.ranks[name] == 0):
+                raise ValueError(f"{name} adapter: factors do not match rank {self.ranks[name]}")
+            if pair is None:
+                continue
+            b0, a0 = pair
+            for suffix, t in (("A", a0), ("B", b0)):
+                getattr(self, f"lora_{name}_{suffix}").copy_(t)
+                getattr(self, f"lora_{name}_{suffix}0").copy_(t)
+            # from the stored (layer-dtype) factors, so a re-attached layer gets the same bits
+            delta += (
+                getattr(self, f"lora_{name}_B0").double()
+                @ getattr(self, f"lora_{name}_A0").double()
+            )
+        self.weight.copy_(base_weight.double() - self.scaling * delta)
+        if self.bias is not None:
+            self.bias.copy_(base_bias)
+        self.merged_weight = None
+
+    def adapter_pairs(self, initial: bool = False) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``[(name, B (d, r), A (r, k))]`` for the adapters of non-zero rank."""
+        s = "0" if initial else ""
+        return [
+            (n, getattr(self, f"lora_{n}_B{s}"), getattr(self, f"lora_{n}_A{s}"))
+            for n in ADAPTERS
+            if self.ranks[n]
+        ]
+
+    def delta_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``s Σ B A`` (d, k): what the adapters add to the residual."""
+        return self.scaling * sum(b.to(dtype) @ a.to(dtype) for _, b, a in self.adapter_pairs())
+
+    @torch.no_grad()
+    def merged(self) -> torch.Tensor:
+        """``W_res + s Σ B A`` in the layer's dtype, summed in float64."""
+        return (self.weight.double() + self.delta_weight()).to(self.weight.dtype)
+
+    def merge(self) -> None:
+        self.merged_weight = self.merged()
+
+    def unmerge(self) -> None:
+        self.merged_weight = None
+
+    @property
+    def is_merged(self) -> bool:
+        return self.merged_weight is not None
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the merged weight: the base layer's shapes and keys."""
+        w = self.weight
+        linear = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None, w.device, w.dtype
+        )
+        linear.weight = nn.Parameter(self.merged() if not w.is_meta else w.clone(), False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), False)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., k) -> (..., d)."""
+        if self.merged_weight is not None:
+            return F.linear(x, self.merged_weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        for _, b, a in self.adapter_pairs():
+            y = y + F.linear(F.linear(x, a) * self.scaling, b)
+        return y
+
+    def adapter_numel(self) -> int:
+        return sum(a.numel() + b.numel() for _, b, a in self.adapter_pairs())
+
+    def extra_repr(self) -> str:
+        r = self.ranks
+        return (
+            f"in={self.in_features}, out={self.out_features}, main_rank={r['main']}, "
+            f"sub_rank={r['sub']}, scaling={self.scaling:.4g}, init={self.init_kind}, "
+            f"merged={self.is_merged}"
+        )
