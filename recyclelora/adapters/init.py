@@ -12,6 +12,7 @@ import math
 import numpy as np
 import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
 Factors = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -47,7 +48,10 @@ def rrqr_factors(
     d, k = weight.shape
     check_ranks((d, k), main_rank, sub_rank)
     w = weight.detach().to("cpu", torch.float64).numpy().astype(qr_dtype, copy=False)
-    q, _, piv = scipy.linalg.qr(w, pivoting=True, mode="economic")
+    # geqp3 is memory-bound: extra BLAS threads gain little, and right after a torch op they
+    # fight torch's spinning OpenMP workers (measured here: 0.7 s single-threaded vs up to 18 s).
+    with threadpool_limits(1, user_api="blas"):
+        q, _, piv = scipy.linalg.qr(w, pivoting=True, mode="economic")
     m = min(d, k)
     q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float64))
     main = sub = None
