@@ -77,26 +77,41 @@ def test_gradients_reach_only_adapters_and_groups_carry_multipliers():
     assert model.head.weight.grad is not None and model.norm.weight.grad is not None
 
     groups = {g["name"]: g for g in build_param_groups(model, lr=1e-4, weight_decay=0.05)}
-    assert set(groups) == {"lora_main", "lora_sub", "norm", "default"}
-    assert groups["lora_main"]["lr"] == pytest.approx(1e-4)
-    assert groups["lora_sub"]["lr"] == pytest.approx(5e-5)
-    for name in ("lora_main", "lora_sub", "norm"):
-        assert groups[name]["weight_decay"] == 0.0
+    adapter_keys = {"lora_main_A", "lora_main_B", "lora_sub_A", "lora_sub_B"}
+    assert set(groups) == adapter_keys | {"norm", "default"}
+    for key in adapter_keys:
+        lr = 1e-4 if "main" in key else 5e-5
+        assert groups[key]["lr"] == pytest.approx(lr) and groups[key]["weight_decay"] == 0
+        assert len(groups[key]["params"]) == 8  # 2 blocks x 4 layers
+    assert groups["norm"]["weight_decay"] == 0.0
     assert groups["default"]["weight_decay"] == pytest.approx(0.05)
     assert groups["default"]["lr"] == pytest.approx(1e-4)
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in groups["default"]["params"]} == {"head.weight", "head.bias"}
-    assert len(groups["lora_main"]["params"]) == 16 and len(groups["lora_sub"]["params"]) == 16
     assert all(p.requires_grad for g in groups.values() for p in g["params"])
 
 
-def test_longest_key_wins():
-    from recyclelora.param_groups import Rule, rule_for
+def test_authors_key_order_and_norm_layers():
+    """mmengine's custom_keys order: longest first, ties alphabetical; unmatched norms no decay."""
+    from recyclelora.param_groups import RECIPE_RULES, Rule, rule_for
 
     rules = {"norm": Rule(decay_mult=0.0), "decode_head.norm": Rule(lr_mult=3.0)}
     assert rule_for("decode_head.norm.weight", rules) == ("decode_head.norm", Rule(lr_mult=3.0))
     assert rule_for("backbone.norm.weight", rules) == ("norm", Rule(decay_mult=0.0))
     assert rule_for("backbone.fc.weight", rules)[0] is None
+    tie = {"lora_sub": Rule(lr_mult=0.5), "backbone": Rule(lr_mult=0.1)}
+    assert rule_for("backbone.blocks.0.attn.qkv.lora_sub_A", tie)[0] == "backbone"
+    # our adapter keys are longer than "backbone": adapters inside a backbone keep their rules
+    assert rule_for("backbone.blocks.0.mlp.fc2.lora_sub_B", RECIPE_RULES)[0] == "lora_sub_B"
+    assert rule_for("backbone.blocks.0.mlp.fc2.lora_main_A", RECIPE_RULES)[0] == "lora_main_A"
+
+    head = nn.Sequential(nn.Conv2d(4, 8, 1), nn.GroupNorm(2, 8), nn.Linear(8, 3))
+    groups = {g["name"]: g for g in build_param_groups(head, lr=1e-4, weight_decay=0.05)}
+    assert set(groups) == {"norm layers", "default"}
+    assert (
+        groups["norm layers"]["weight_decay"] == 0.0 and len(groups["norm layers"]["params"]) == 2
+    )
+    assert len(groups["default"]["params"]) == 4
 
 
 def test_merge_gives_plain_linears_with_same_output_and_base_keys():
