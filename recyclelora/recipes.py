@@ -1,0 +1,193 @@
+"""Named training recipes (REFERENCE §3, paper Table 8) and command-line overrides.
+
+A recipe is plain data: ``Recipe`` with nested ``data`` and ``train`` sections and the adapters'
+``RecycleLoRAConfig``. Every field can be overridden as ``--section.field value`` (tuples as
+comma-separated lists); the resolved recipe is printed and saved with the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, get_type_hints
+
+from .adapters import RecycleLoRAConfig
+
+CITYSCAPES_BDD_MAPILLARY = ("cityscapes", "bdd", "mapillary")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # holds gta/, synthia/, urbansyn/, cityscapes/, bdd100k/, mapillary/
+    sources: tuple[str, ...] = ("gtav",)
+    targets: tuple[str, ...] = CITYSCAPES_BDD_MAPILLARY
+    gtav_subset: int = 12403  # fresh random subset of GTAV per pass (0 = all images)
+    crop: int = 512
+    workers: int = 4
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 40_000
+    batch_size: int = 4  # global: split over DDP ranks
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    wd_min: float = 1e-5  # cosine-annealed weight decay, as SoMA
+    poly_power: float = 0.9
+    val_interval: int = 4_000
+    ckpt_interval: int = 4_000
+    keep_checkpoints: int = 3
+    log_interval: int = 50
+    precision: str = "bf16"  # autocast dtype on GPU ("bf16", "fp16" or "fp32"); CPU runs fp32
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: str = "dinov2_large_mask2former"
+    backbone_weights: str = "weights/dinov2_vitl14_pretrain.pth"
+    adapters: RecycleLoRAConfig = field(default_factory=RecycleLoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    work_dir: str = ""  # default: runs/<name>
+
+    def __post_init__(self) -> None:
+        if not self.work_dir:
+            self.work_dir = f"runs/{self.name}"
+
+
+def _syn2real(**adapters: Any) -> Recipe:
+    return Recipe(
+        "syn2real", adapters=RecycleLoRAConfig(**{"main_rank": 32, "sub_rank": 4, **adapters})
+    )
+
+
+RECIPES: dict[str, Recipe] = {
+    # G -> C, B, M with 32/4 [Table 3]
+    "syn2real": _syn2real(),
+    # C -> B, M with 32/2 [Table 4]
+    "real2real": Recipe(
+        "real2real",
+        adapters=RecycleLoRAConfig(32, 2),
+        data=DataConfig(sources=("cityscapes",), targets=("bdd", "mapillary")),
+    ),
+    # multi-source [Table 3]: each source whole except GTAV (subset rule)
+    "gs2cbm": Recipe("gs2cbm", data=DataConfig(sources=("gtav", "synthia"))),
+    "gsu2cbm": Recipe("gsu2cbm", data=DataConfig(sources=("gtav", "synthia", "urbansyn"))),
+    # ablations [Tables 5, 12]; init and ranks are also overridable on any recipe
+    "syn2real_main_only": replace(_syn2real(sub_rank=0), name="syn2real_main_only"),
+    "syn2real_sub_only": replace(_syn2real(main_rank=0), name="syn2real_sub_only"),
+    "syn2real_svd": replace(_syn2real(init="svd"), name="syn2real_svd"),
+    "syn2real_kaiming": replace(_syn2real(init="kaiming"), name="syn2real_kaiming"),
+}
+for _name, _r in RECIPES.items():
+    _r.work_dir = f"runs/{_name}"
+
+
+def to_dict(obj: Any) -> Any:
+    """A JSON-able nested dict of a recipe."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def to_json(recipe: Recipe) -> str:
+    return json.dumps(to_dict(recipe), indent=2)
+
+
+def flat_fields(obj: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{"train.lr": (type, value), ...}`` for every leaf field."""
+    out = {}
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            out.update(flat_fields(value, key + "."))
+        else:
+            out[key] = (hints[f.name], value)
+    return out
+
+
+def parse_value(kind: Any, text: str) -> Any:
+    origin = getattr(kind, "__origin__", None)
+    if origin is tuple:
+        inner = kind.__args__[0]
+        return tuple(parse_value(inner, t) for t in text.split(",") if t != "")
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if kind in (int, float, str):
+        return kind(text)
+    return text  # Literal[...] and str-like: validated by the dataclass itself
+
+
+def add_override_arguments(parser: argparse.ArgumentParser, base: Recipe) -> None:
+    group = parser.add_argument_group("recipe overrides (defaults shown for the chosen recipe)")
+    for key, (_, value) in flat_fields(base).items():
+        if key == "name":
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        group.add_argument(
+            f"--{key}", dest=f"override:{key}", metavar="V", help=f"(default: {shown})"
+        )
+
+
+def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
+    """A copy of ``recipe`` with every ``--section.field`` given on the command line."""
+    flat = flat_fields(recipe)
+    data = to_dict(recipe)
+    for dest, text in vars(args).items():
+        if not dest.startswith("override:") or text is None:
+            continue
+        key = dest.split(":", 1)[1]
+        kind, _ = flat[key]
+        try:
+            value = parse_value(kind, text)
+        except ValueError as e:
+            raise SystemExit(f"--{key}: {e}") from None
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return from_dict(data)
+
+
+def from_dict(d: dict) -> Recipe:
+    """Inverse of ``to_dict``: rebuilds (and so re-validates) a recipe."""
+    try:
+        return Recipe(
+            name=d["name"],
+            model=d["model"],
+            backbone_weights=d["backbone_weights"],
+            adapters=RecycleLoRAConfig.from_dict(d["adapters"]),
+            data=DataConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in d["data"].items()}
+            ),
+            train=TrainConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in d["train"].items()}
+            ),
+            work_dir=d["work_dir"],
+        )
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"invalid recipe: {e}") from None
+
+
+__all__ = [
+    "RECIPES",
+    "DataConfig",
+    "Recipe",
+    "TrainConfig",
+    "add_override_arguments",
+    "apply_overrides",
+    "from_dict",
+    "to_json",
+]
