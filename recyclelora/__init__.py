@@ -11,6 +11,7 @@ from .adapters import (
     save_adapters,
     unmerge_recyclelora,
 )
+from .models import build_model
 from .param_groups import RECIPE_RULES, Rule, build_param_groups
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "RecycleLoRALinear",
     "Rule",
     "apply_recyclelora",
+    "build_model",
     "build_param_groups",
     "iter_adapted",
     "load_adapters",

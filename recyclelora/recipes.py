@@ -10,16 +10,26 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any, get_type_hints
 
 from .adapters import RecycleLoRAConfig
 
 CITYSCAPES_BDD_MAPILLARY = ("cityscapes", "bdd", "mapillary")
+# dataset name -> its folder under DataConfig.root (the folder names of Rein's configs)
+DATASET_DIRS = {
+    "gtav": "gta",
+    "synthia": "synthia",
+    "urbansyn": "urbansyn",
+    "cityscapes": "cityscapes",
+    "bdd": "bdd100k",
+    "mapillary": "mapillary",
+}
 
 
 @dataclass
 class DataConfig:
-    root: str = "data"  # holds gta/, synthia/, urbansyn/, cityscapes/, bdd100k/, mapillary/
+    root: str = "data"  # holds one folder per dataset, named as in DATASET_DIRS
     sources: tuple[str, ...] = ("gtav",)
     targets: tuple[str, ...] = CITYSCAPES_BDD_MAPILLARY
     gtav_subset: int = 12403  # fresh random subset of GTAV per pass (0 = all images)
@@ -46,13 +56,21 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    mode: str = "slide"  # REFERENCE §2 test mode ("slide" or "whole")
+    crop: int = 512
+    stride: int = 341
+
+
+@dataclass
 class Recipe:
     name: str
     model: str = "dinov2_large_mask2former"
-    backbone_weights: str = "weights/dinov2_vitl14_pretrain.pth"
+    backbone_weights: str = "weights/dinov2_vitl14_pretrain.pth"  # "" = random init (demo)
     adapters: RecycleLoRAConfig = field(default_factory=RecycleLoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     work_dir: str = ""  # default: runs/<name>
 
     def __post_init__(self) -> None:
@@ -86,6 +104,10 @@ RECIPES: dict[str, Recipe] = {
 }
 for _name, _r in RECIPES.items():
     _r.work_dir = f"runs/{_name}"
+
+
+def dataset_root(recipe: Recipe, name: str) -> Path:
+    return Path(recipe.data.root) / DATASET_DIRS[name]
 
 
 def to_dict(obj: Any) -> Any:
@@ -183,11 +205,14 @@ def from_dict(d: dict) -> Recipe:
 
 __all__ = [
     "RECIPES",
+    "DATASET_DIRS",
     "DataConfig",
+    "EvalConfig",
     "Recipe",
     "TrainConfig",
     "add_override_arguments",
     "apply_overrides",
+    "dataset_root",
     "from_dict",
     "to_json",
 ]

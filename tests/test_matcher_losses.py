@@ -401,11 +401,17 @@ def test_loss_reads_full_resolution_gt_at_the_prediction_points() -> None:
 
 
 def test_num_total_masks_is_averaged_across_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fake a 2-rank group whose other rank holds 7 masks: the divisor is (3 + 7) / 2."""
+    """Fake a 2-rank group whose other rank holds 7 masks: the divisor is (3 + 7) / 2. (Its
+    class-weight sum equals this rank's, so the class loss's divisor, reduced first, is kept.)"""
     cls, masks, gt_labels, gt_masks, indices, matched = _hand_case()
+    calls = []
 
-    def fake_all_reduce(tensor, op=None):
-        tensor.add_(7.0 / 2)
+    def fake_all_reduce(tensor, op=None):  # receives value / world_size
+        calls.append(float(tensor))
+        if len(calls) == 1:
+            tensor.mul_(2)  # class-weight sum: the other rank holds the same
+        else:
+            tensor.add_(7.0 / 2)
 
     monkeypatch.setattr(dist, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -417,6 +423,7 @@ def test_num_total_masks_is_averaged_across_ranks(monkeypatch: pytest.MonkeyPatc
     ref = _hand_reference(cls, masks, gt_labels, gt_masks, matched, num_masks_for_avg=5.0)
     for got, want in zip(out, ref, strict=True):
         assert got.item() == pytest.approx(want, rel=1e-5)
+    assert len(calls) == 2
 
 
 def test_loss_with_matching_and_importance_sampling_is_reproducible() -> None:

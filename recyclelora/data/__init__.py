@@ -33,7 +33,6 @@ from .transforms import (
     EvalTransform,
     PhotoMetricDistortion,
     TrainTransform,
-    normalize_images,
 )
 
 __all__ = [
@@ -66,7 +65,6 @@ __all__ = [
     "canonical_name",
     "collate",
     "colorize",
-    "normalize_images",
     "palette",
     "prepare_command",
     "read_image",

@@ -12,7 +12,7 @@ Training, per sample, driven by one ``numpy.random.Generator`` seeded from the s
    truncation to uint8, OpenCV HSV round trips), done with 256-entry lookup tables;
 5. pad bottom/right to 512x512: image 0, label 255. The unpadded size is returned as
    ``valid_hw``. mmseg pads *after* normalisation (padding = 0 in normalised units); use
-   :func:`normalize_images` with ``valid_hw`` to get exactly that.
+   ``Segmentor.normalize`` with ``valid_hw`` to get exactly that.
 
 Evaluation: the image is rescaled to fit the dataset's scale keeping its ratio (mmcv
 ``imrescale``: long edge <= max(scale), short edge <= min(scale)); the label is left untouched.
@@ -24,20 +24,16 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
-import torch
 
 from .labels import IGNORE_INDEX
 
 __all__ = [
     "EVAL_SCALES",
-    "MEAN",
-    "STD",
     "TRAIN_SHORT_EDGES",
     "EvalTransform",
     "PhotoMetricDistortion",
     "TrainTransform",
     "crop_bbox",
-    "normalize_images",
     "pad_pair",
     "rescale_size",
     "resize_pair",
@@ -50,8 +46,6 @@ EVAL_SCALES: dict[str, tuple[int, int]] = {  # (long, short) bounds, REFERENCE Â
     "bdd100k": (1280, 720),
     "mapillary": (2048, 1024),
 }
-MEAN = (123.675, 116.28, 103.53)
-STD = (58.395, 57.12, 57.375)
 
 
 def rescale_size(hw: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
@@ -262,25 +256,3 @@ class EvalTransform:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         size = rescale_size(image.shape[:2], self.scale)
         return resize_pair(image, None, size)[0]
-
-
-def normalize_images(
-    images: torch.Tensor,
-    valid_hw: torch.Tensor | None = None,
-    mean: Sequence[float] = MEAN,
-    std: Sequence[float] = STD,
-) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> float ``(x - mean) / std``; with ``valid_hw`` (B, 2) the padding
-    outside each sample's valid top-left region is set to 0, exactly mmseg's padding."""
-    x = images.float()
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    x = (x - m) / s
-    if valid_hw is not None:
-        h, w = x.shape[-2:]
-        vh = valid_hw[:, 0].to(x.device).view(-1, 1, 1, 1)
-        vw = valid_hw[:, 1].to(x.device).view(-1, 1, 1, 1)
-        rows = torch.arange(h, device=x.device).view(1, 1, -1, 1)
-        cols = torch.arange(w, device=x.device).view(1, 1, 1, -1)
-        x = x.masked_fill((rows >= vh) | (cols >= vw), 0.0)
-    return x

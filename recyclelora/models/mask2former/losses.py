@@ -147,7 +147,7 @@ class Mask2FormerLoss(nn.Module):
         gt_masks: Sequence[Tensor],
         indices: Sequence[tuple[Tensor, Tensor]] | None = None,
         points: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Losses of one prediction set.
 
@@ -160,7 +160,8 @@ class Mask2FormerLoss(nn.Module):
                 ``self.matcher`` is run.
             points: optional (N, P, 2) points for the N matched masks (ordered by image, then
                 query index) replacing importance sampling, e.g. for exact tests.
-            generator: optional ``torch.Generator`` for matching and point sampling.
+            generator: optional ``torch.Generator`` for matching and point sampling, or one per
+                image (draws then independent of how the batch is split over DDP ranks).
 
         Returns:
             ``(loss_cls, loss_mask, loss_dice)``, scalars, loss weights applied.
@@ -194,7 +195,10 @@ class Mask2FormerLoss(nn.Module):
         ce = F.cross_entropy(
             cls_logits.flatten(0, 1).float(), labels, weight=class_weight, reduction="none"
         )
-        loss_cls = self.loss_cls_weight * ce.sum() / (class_weight[labels].sum() + _AVG_EPS)
+        # mmdet normalises by this rank's weight sum; the mean over ranks (as for the masks
+        # below) makes a DDP run compute the single-process loss; identical on one process.
+        cls_avg = reduce_mean(class_weight[labels].sum())
+        loss_cls = self.loss_cls_weight * ce.sum() / (cls_avg + _AVG_EPS)
 
         num_total_masks = reduce_mean(
             torch.tensor(float(batch_idx_t.numel()), device=device)
@@ -209,12 +213,21 @@ class Mask2FormerLoss(nn.Module):
         pred = pred.unsqueeze(1).float()
         with torch.no_grad():
             if points is None:
-                points = uncertain_point_coords_with_randomness(
-                    pred,
-                    self.num_points,
-                    self.oversample_ratio,
-                    self.importance_sample_ratio,
-                    generator=generator,
+                # with per-image generators, each image's masks draw from their own generator
+                groups = [g.numel() for g in matched_gt]
+                per_image = isinstance(generator, (list, tuple))
+                points = torch.cat(
+                    [
+                        uncertain_point_coords_with_randomness(
+                            part,
+                            self.num_points,
+                            self.oversample_ratio,
+                            self.importance_sample_ratio,
+                            generator=generator[i] if per_image else generator,
+                        )
+                        for i, part in enumerate(pred.split(groups))
+                        if part.shape[0] > 0
+                    ]
                 )
             points = points.to(device=device, dtype=torch.float32)
             # Read each image's full-resolution GT at its matched masks' points; gathering
@@ -244,7 +257,7 @@ class Mask2FormerLoss(nn.Module):
         self,
         predictions: Sequence[tuple[Tensor, Tensor]],
         targets: Sequence[InstanceTargets],
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> dict[str, Tensor]:
         """Deep-supervised losses.
 
@@ -253,7 +266,8 @@ class Mask2FormerLoss(nn.Module):
                 decoder order: the set before the first layer first, the final set last
                 (L = 10 for 9 decoder layers).
             targets: B ``InstanceTargets`` (see ``semantic_to_instance_targets``).
-            generator: optional ``torch.Generator`` for matching and point sampling.
+            generator: optional ``torch.Generator`` for matching and point sampling, or one per
+                image (draws then independent of how the batch is split over DDP ranks).
 
         Returns:
             ``loss_cls``, ``loss_mask``, ``loss_dice`` for the last set and

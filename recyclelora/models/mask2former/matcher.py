@@ -167,7 +167,7 @@ class HungarianMatcher(nn.Module):
         gt_labels: Sequence[Tensor],
         gt_masks: Sequence[Tensor],
         points: Sequence[Tensor] | Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
         """Match every image of a batch.
 

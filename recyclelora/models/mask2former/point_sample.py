@@ -12,6 +12,8 @@ point within half a pixel of the border mixes in zeros (mmcv's ``point_sample``)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -60,15 +62,22 @@ def calculate_uncertainty(logits: Tensor) -> Tensor:
 def rand_points(
     shape: tuple[int, ...],
     device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Uniform float32 points in ``[0, 1)`` of ``shape`` on ``device``.
 
+    ``generator`` may be a list with one generator per row (``shape[0]``): each row then
+    depends only on its own generator, so per-image draws do not depend on the batch split.
     With a generator the numbers are drawn on the generator's device (a CPU generator can
     then drive CUDA tensors reproducibly) and moved afterwards.
     """
     if generator is None:
         return torch.rand(shape, device=device)
+    if isinstance(generator, (list, tuple)):  # one generator per row, e.g. per image
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+        rows = [rand_points((1, *shape[1:]), device, g) for g in generator]
+        return torch.cat(rows) if rows else torch.rand(shape, device=device)
     out = torch.rand(shape, generator=generator, device=generator.device)
     return out.to(device) if device is not None else out
 
