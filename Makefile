@@ -15,7 +15,7 @@ $(VENV_STAMP): pyproject.toml constraints.txt
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
-	$(PY) -m recyclelora.demo
+	$(PY) training/train.py syn2real --demo
 
 test: $(VENV_STAMP)
 	$(PY) -m ruff check .

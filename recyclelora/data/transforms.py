@@ -30,6 +30,7 @@ from .labels import IGNORE_INDEX
 __all__ = [
     "EVAL_SCALES",
     "TRAIN_SHORT_EDGES",
+    "short_edges_for",
     "EvalTransform",
     "PhotoMetricDistortion",
     "TrainTransform",
@@ -40,7 +41,13 @@ __all__ = [
     "shortest_edge_size",
 ]
 
-TRAIN_SHORT_EDGES: tuple[int, ...] = tuple(int(512 * x * 0.1) for x in range(5, 21))
+
+def short_edges_for(crop: int) -> tuple[int, ...]:
+    """The recipe's resize set relative to the crop: ``int(crop * x * 0.1)``, x = 5..20."""
+    return tuple(int(crop * x * 0.1) for x in range(5, 21))
+
+
+TRAIN_SHORT_EDGES: tuple[int, ...] = short_edges_for(512)
 EVAL_SCALES: dict[str, tuple[int, int]] = {  # (long, short) bounds, REFERENCE §4
     "cityscapes": (2048, 1024),
     "bdd100k": (1280, 720),
@@ -203,8 +210,8 @@ class TrainTransform:
     def __init__(
         self,
         crop_size: int | tuple[int, int] = 512,
-        short_edges: Sequence[int] = TRAIN_SHORT_EDGES,
-        max_size: int = 2048,
+        short_edges: Sequence[int] | None = None,
+        max_size: int | None = None,
         cat_max_ratio: float = 0.75,
         flip_prob: float = 0.5,
         photometric: PhotoMetricDistortion | None = None,
@@ -212,8 +219,10 @@ class TrainTransform:
         pad: bool = True,
     ):
         self.crop_hw = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
-        self.short_edges = tuple(int(s) for s in short_edges)
-        self.max_size = max_size
+        # default: the recipe's set and long-edge cap (2048 at 512), scaled to other crops
+        crop = max(self.crop_hw)
+        self.short_edges = tuple(int(s) for s in short_edges or short_edges_for(crop))
+        self.max_size = max_size if max_size is not None else 4 * crop
         self.cat_max_ratio = cat_max_ratio
         self.flip_prob = flip_prob
         self.photometric = PhotoMetricDistortion() if photometric is None else photometric

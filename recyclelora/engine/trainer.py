@@ -241,7 +241,7 @@ def train(
                 losses = step(images, labels, valid_hw, generators)
             loss = losses["loss"]
             if any_rank(not bool(torch.isfinite(loss)), ctx):
-                parts = {k: round(float(v), 4) for k, v in losses.items() if "." not in k}
+                parts = {k: round(v.item(), 4) for k, v in losses.items() if "." not in k}
                 raise NonFiniteLoss(
                     f"non-finite loss at iteration {it + 1} ({parts}); the run is stopped. "
                     f"Its last checkpoint ({last_ckpt or 'none yet'}) is intact: lower "
@@ -254,7 +254,7 @@ def train(
             scaler.update()
             done = it + 1
 
-            window.append(float(loss))
+            window.append(loss.item())
             if done % t.log_interval == 0 or done == t.iterations:
                 elapsed = time.perf_counter() - tic
                 per_it = elapsed / len(window)
@@ -264,8 +264,8 @@ def train(
                     mem = f" | mem {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f} GiB"
                 say(
                     f"iter {done}/{t.iterations} | loss {sum(window) / len(window):.4f} "
-                    f"(cls {float(losses['loss_cls']):.3f} mask {float(losses['loss_mask']):.3f} "
-                    f"dice {float(losses['loss_dice']):.3f}) | lr {lr:.2e} | {per_it:.3f} s/it "
+                    f"(cls {losses['loss_cls'].item():.3f} mask {losses['loss_mask'].item():.3f} "
+                    f"dice {losses['loss_dice'].item():.3f}) | lr {lr:.2e} | {per_it:.3f} s/it "
                     f"(data {data_time:.3f}){mem} | "
                     f"ETA {format_eta(per_it * (t.iterations - done))}"
                 )

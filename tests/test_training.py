@@ -1,0 +1,250 @@
+"""The training engine end to end on the tiny preset: exact resume (also after SIGTERM and
+SIGKILL in a real process), DDP against one process, non-finite loss, the CLI and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from recyclelora.data import EvalTransform, TrainSet
+from recyclelora.data.datasets import GTAV, Cityscapes
+from recyclelora.data.synthetic import write_demo_datasets
+from recyclelora.data.transforms import TrainTransform
+from recyclelora.engine import distributed
+from recyclelora.engine.trainer import NonFiniteLoss, train
+from recyclelora.models import Segmentor
+from recyclelora.recipes import RECIPES, DataConfig, EvalConfig, TrainConfig
+
+TRAIN_PY = Path(__file__).resolve().parents[1] / "training" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> dict[str, Path]:
+    return write_demo_datasets(
+        tmp_path_factory.mktemp("data"), n_source=8, n_target=2, size=(64, 128)
+    )
+
+
+def tiny_recipe(work: Path, iterations: int = 6, **train_kw):
+    return replace(
+        RECIPES["syn2real"],
+        model="tiny",
+        backbone_weights="",
+        data=DataConfig(crop=64, workers=0, gtav_subset=6),
+        train=TrainConfig(
+            iterations=iterations,
+            lr=1e-3,
+            val_interval=1000,
+            ckpt_interval=2,
+            log_interval=1,
+            **train_kw,
+        ),
+        eval=EvalConfig(mode="whole"),
+        work_dir=str(work),
+    )
+
+
+def datasets(roots: dict[str, Path]):
+    train_set = TrainSet([GTAV(roots["gtav"], converted=False)], TrainTransform(crop_size=64))
+    targets = {
+        "real": Cityscapes(
+            roots["cityscapes"], "val", converted=False, transform=EvalTransform((128, 64))
+        )
+    }
+    return train_set, targets
+
+
+def final_state(work: Path, iteration: int) -> dict[str, torch.Tensor]:
+    return torch.load(work / "checkpoints" / f"iter_{iteration}.pth", weights_only=True)["model"]
+
+
+def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def test_resume_is_bit_exact_and_survives_a_killed_write(tmp_path, demo_data):
+    ctx = distributed.Context()
+    full = tiny_recipe(tmp_path / "full")
+    result = train(full, ctx, *datasets(demo_data))
+    assert (
+        result.iteration == 6
+        and not result.stopped
+        and result.metrics["targets"]["real"]["pixels"] > 0
+    )
+    assert [p.name for p in sorted((tmp_path / "full" / "checkpoints").iterdir())] == [
+        "iter_2.pth",
+        "iter_4.pth",
+        "iter_6.pth",
+    ]
+    assert (tmp_path / "full" / "adapters.safetensors").is_file()
+
+    part = tiny_recipe(tmp_path / "part")
+    stopped = train(part, ctx, *datasets(demo_data), stop_at=3)
+    assert stopped.stopped and stopped.iteration == 3
+    train(part, ctx, *datasets(demo_data), resume=True)
+    assert_same(final_state(tmp_path / "part", 6), final_state(tmp_path / "full", 6))
+
+    # a run killed while writing iteration 4 left only a partial temp file: resume from 2
+    killed = tiny_recipe(tmp_path / "killed")
+    train(killed, ctx, *datasets(demo_data), stop_at=4)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    data = (ckpts / "iter_4.pth").read_bytes()
+    (ckpts / "iter_4.pth").unlink()
+    (ckpts / "iter_4.pth.tmp").write_bytes(data[: len(data) // 3])
+    logs: list[str] = []
+    train(killed, ctx, *datasets(demo_data), resume=True, on_log=logs.append)
+    assert any("iter_2.pth at iteration 2" in m for m in logs)
+    assert_same(final_state(tmp_path / "killed", 6), final_state(tmp_path / "full", 6))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, demo_data, monkeypatch):
+    real_loss = Segmentor.loss
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        out = real_loss(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Segmentor, "loss", flaky)
+    with pytest.raises(NonFiniteLoss, match=r"iteration 3 .*iter_2\.pth.*--train\.lr"):
+        train(tiny_recipe(tmp_path), distributed.Context(), *datasets(demo_data))
+    assert (tmp_path / "checkpoints" / "iter_2.pth").is_file()
+
+
+def ddp_worker(rank: int, port: int, work: str, roots: dict) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
+    )
+    torch.set_num_threads(1)
+    ctx = distributed.init("cpu")
+    try:
+        train(tiny_recipe(Path(work), iterations=4), ctx, *datasets(roots))
+    finally:
+        distributed.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one(tmp_path, demo_data):
+    """Global batch 4 = 2 ranks x 2 images, gloo: same parameters as one process with batch 4."""
+    single = tiny_recipe(tmp_path / "single", iterations=4)
+    train(single, distributed.Context(), *datasets(demo_data))
+    mp.spawn(ddp_worker, args=(free_port(), str(tmp_path / "ddp"), demo_data), nprocs=2, join=True)
+    a, b = final_state(tmp_path / "ddp", 4), final_state(tmp_path / "single", 4)
+    # Attention key biases shift every logit of a query equally: softmax ignores them, so their
+    # true gradient is exactly 0 and AdamW turns the rounding noise in it into lr-sized steps
+    # that differ run to run. They are excluded; everything else must agree.
+    for state in (a, b):
+        for k in [k for k in state if k.endswith("attn.in_proj_bias")]:
+            e = state[k].numel() // 3
+            state[k] = torch.cat([state[k][:e], state[k][2 * e :]])
+    assert_same(a, b, atol=1e-5)
+    trained = [k for k in a if "lora_main_A" in k]
+    assert trained and any(not torch.equal(a[k], a[k.replace("_A", "_A0")]) for k in trained)
+
+
+def run_cli(cwd: Path, *args: str, wait: bool = True, env_extra: dict | None = None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, str(TRAIN_PY), "syn2real", "--demo", "--data.workers", "0", *args]
+    if wait:
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigkill_then_resume_match_an_uninterrupted_run(tmp_path):
+    args = ["--train.iterations", "16", "--train.ckpt_interval", "2", "--train.val_interval", "100"]
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    done = run_cli(tmp_path / "a", *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ckpts = tmp_path / "b" / "runs" / "demo" / "run" / "checkpoints"
+
+    proc = run_cli(tmp_path / "b", *args, wait=False)
+    wait_for(ckpts / "iter_2.pth", proc)
+    proc.send_signal(signal.SIGTERM)  # a scheduler ending the job: checkpoint, clean exit
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "stopped at iteration" in out, out[-2000:]
+
+    proc = run_cli(tmp_path / "b", *args, "--resume", wait=False)
+    wait_for(ckpts / "iter_10.pth", proc)
+    proc.kill()  # SIGKILL at an arbitrary moment
+    proc.wait(timeout=60)
+    resumed = run_cli(tmp_path / "b", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "a" / "runs/demo/run/checkpoints/iter_16.pth", weights_only=True)[
+        "model"
+    ]
+    b = torch.load(ckpts / "iter_16.pth", weights_only=True)["model"]
+    assert_same(a, b)
+
+
+def test_dry_run_counts_without_allocating(capsys):
+    from training_cli import main
+
+    assert main(["syn2real", "--dry-run"]) == 0
+    assert "trainable adapter parameters 14,155,776 (14.16M)" in capsys.readouterr().out
+    assert main(["real2real", "--dry-run"]) == 0
+    assert "trainable adapter parameters 13,369,344 (13.37M)" in capsys.readouterr().out
+
+
+def test_missing_data_and_weights_say_what_to_do(tmp_path, capsys):
+    from training_cli import main
+
+    code = main(
+        ["syn2real", "--data.root", str(tmp_path), "--backbone_weights", str(tmp_path / "w.pth")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(tmp_path / "w.pth") in err and "dinov2_vitl14_pretrain.pth" in err
+    for folder in ("gta", "cityscapes", "bdd100k", "mapillary"):
+        assert str(tmp_path / folder) in err
+    # unconverted labels: the exact prepare_data command is printed
+    write_demo_datasets(tmp_path, n_source=2, n_target=1, size=(32, 64))
+    assert main(["syn2real", "--data.root", str(tmp_path), "--backbone_weights", ""]) == 2
+    assert f"python training/prepare_data.py gtav {tmp_path / 'gta'}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_beats_an_untrained_model(tmp_path):
+    result = run_cli(tmp_path, "--train.iterations", "200", "--train.val_interval", "200")
+    assert result.returncode == 0, result.stderr[-2000:]
+    res = json.loads((tmp_path / "runs/demo/run/demo_results.json").read_text())
+    before = res["untrained"]["targets"]["target (real)"]["mIoU"]
+    after = res["trained"]["targets"]["target (real)"]["mIoU"]
+    assert after > 10 and after > 3 * before, (before, after)
+    assert "checkpoint: runs/demo/run/checkpoints/iter_200.pth" in result.stdout
+    assert (tmp_path / "runs/demo/run/adapters.safetensors").is_file()
