@@ -106,6 +106,10 @@ for _name, _r in RECIPES.items():
     _r.work_dir = f"runs/{_name}"
 
 
+def replace_data_root(recipe: Recipe, root: str) -> Recipe:
+    return replace(recipe, data=replace(recipe.data, root=str(root)))
+
+
 def dataset_root(recipe: Recipe, name: str) -> Path:
     return Path(recipe.data.root) / DATASET_DIRS[name]
 
@@ -213,6 +217,7 @@ __all__ = [
     "add_override_arguments",
     "apply_overrides",
     "dataset_root",
+    "replace_data_root",
     "from_dict",
     "to_json",
 ]

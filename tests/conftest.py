@@ -16,3 +16,4 @@ def _load(name: str, path: Path) -> None:
 
 
 _load("training_cli", TRAINING / "train.py")
+_load("training_evaluate", TRAINING / "evaluate.py")

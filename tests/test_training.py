@@ -248,3 +248,60 @@ def test_demo_beats_an_untrained_model(tmp_path):
     assert after > 10 and after > 3 * before, (before, after)
     assert "checkpoint: runs/demo/run/checkpoints/iter_200.pth" in result.stdout
     assert (tmp_path / "runs/demo/run/adapters.safetensors").is_file()
+
+
+def test_evaluate_cli_matches_an_independent_computation(tmp_path, demo_data, capsys):
+    """metrics.json of evaluate.py vs. predictions and IoU recomputed here with numpy."""
+    import cv2
+    import numpy as np
+    import prepare_data
+    from training_evaluate import main as evaluate_main
+
+    from recyclelora.data.labels import cityscapes_lut
+    from recyclelora.engine.checkpoint import load_trained_model
+
+    train(tiny_recipe(tmp_path / "run", iterations=2), distributed.Context(), *datasets(demo_data))
+    root = demo_data["cityscapes"].parent
+    assert prepare_data.main(["cityscapes", str(demo_data["cityscapes"]), "--workers", "1"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_2.pth"
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(ckpt), "--data-root", str(root), "--targets", "cityscapes"]
+    assert evaluate_main([*args, "--mode", "whole", "--out", str(out), "--save-predictions"]) == 0
+    got = json.loads((out / "metrics.json").read_text())["targets"]["cityscapes"]
+
+    model, _, _ = load_trained_model(ckpt)
+    inter, union = np.zeros(19), np.zeros(19)
+    for img_path in sorted((demo_data["cityscapes"] / "leftImg8bit" / "val").rglob("*.png")):
+        img = cv2.cvtColor(cv2.imread(str(img_path)), cv2.COLOR_BGR2RGB)
+        lab_path = (
+            str(img_path)
+            .replace("leftImg8bit", "gtFine", 1)
+            .replace("_leftImg8bit", "_gtFine_labelIds")
+        )
+        label = cityscapes_lut()[cv2.imread(lab_path, cv2.IMREAD_UNCHANGED)]
+        h, w = label.shape
+        scale = min(2048 / max(h, w), 1024 / min(h, w))  # Cityscapes: fit 2048 x 1024
+        img = cv2.resize(
+            img, (int(w * scale + 0.5), int(h * scale + 0.5)), interpolation=cv2.INTER_LINEAR
+        )
+        with torch.no_grad():
+            logits = model(torch.from_numpy(img).permute(2, 0, 1)[None].float())
+            logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear")
+        pred = logits[0].argmax(0).numpy()
+        valid = label != 255
+        for c in range(19):
+            p, g = (pred == c) & valid, (label == c) & valid
+            inter[c] += (p & g).sum()
+            union[c] += (p | g).sum()
+    present = union > 0
+    assert got["mIoU"] == pytest.approx(100 * (inter[present] / union[present]).mean(), abs=1e-6)
+    pngs = list((out / "predictions" / "cityscapes").glob("*.png"))
+    assert len(pngs) == 2 and cv2.imread(str(pngs[0])).shape[:2] == (64, 128)
+    assert "| cityscapes |" in capsys.readouterr().out
+
+    assert evaluate_main(["--checkpoint", str(tmp_path / "nope.pth")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert (
+        evaluate_main([*args[:2], "--data-root", str(tmp_path / "void"), "--targets", "bdd"]) == 2
+    )
+    assert str(tmp_path / "void" / "bdd100k") in capsys.readouterr().err

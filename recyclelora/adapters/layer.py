@@ -64,10 +64,12 @@ class RecycleLoRALinear(nn.Module):
         linear: nn.Linear,
         config: RecycleLoRAConfig,
         generator: torch.Generator | None = None,
+        initialize: bool = True,
     ) -> RecycleLoRALinear:
         """Adapt a pre-trained ``nn.Linear``; its output is unchanged at initialisation.
 
-        On the meta device only shapes are built (for parameter counting without memory).
+        On the meta device, or with ``initialize=False`` (a state_dict will be loaded next), only
+        shapes are built: no decomposition, uninitialised tensors.
         """
         w = linear.weight
         layer = cls(
@@ -81,7 +83,7 @@ class RecycleLoRALinear(nn.Module):
             dtype=w.dtype,
         )
         layer.init_kind = config.init
-        if w.is_meta:
+        if w.is_meta or not initialize:
             return layer
         main, sub = initial_factors(
             w,

@@ -76,8 +76,12 @@ def apply_recyclelora(
     *,
     generator: torch.Generator | None = None,
     progress: bool | None = None,
+    initialize: bool = True,
 ) -> AdaptationReport:
     """Replace every matching ``nn.Linear`` of ``model`` in place and freeze all the rest of it.
+
+    ``initialize=False`` skips the decomposition and leaves the adapter tensors uninitialised:
+    for a model whose state_dict (a checkpoint) is loaded right after.
 
     Apply it to the part to adapt (the backbone): a head that should train stays outside.
     ``progress=None`` shows a bar only on a terminal. Returns (and logs) an ``AdaptationReport``.
@@ -102,7 +106,7 @@ def apply_recyclelora(
         disable=None if progress is None else not progress,
     )
     for name, linear in bar:
-        layer = RecycleLoRALinear.from_linear(linear, config, generator)
+        layer = RecycleLoRALinear.from_linear(linear, config, generator, initialize)
         parent, child = split_name(name)
         setattr(model.get_submodule(parent), child, layer)
         report.layers.append((name, (linear.out_features, linear.in_features)))

@@ -51,3 +51,29 @@ def load_latest(folder: str | Path) -> tuple[dict, Path] | None:
         except Exception as e:  # a damaged file must not stop the resume
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, e)
     return None
+
+
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, recipe, iteration) from a training checkpoint: the model is rebuilt from the
+    recipe stored in it, without the adapters' decomposition (the checkpoint has every tensor)."""
+    from ..models import build_model
+    from ..recipes import from_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable training checkpoint ({e})") from e
+    if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
+        raise ValueError(
+            f"{path} is not a checkpoint written by training/train.py (needs 'model' and "
+            "'recipe'); for mmseg-format checkpoints use recyclelora.models.mmseg_format"
+        )
+    recipe = from_dict(state["recipe"])
+    model = build_model(
+        recipe.model, adapters=recipe.adapters, img_size=recipe.data.crop, init_adapters=False
+    )
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), recipe, int(state["iteration"])

@@ -132,12 +132,14 @@ def train(
     torch.manual_seed(t.seed + ctx.rank)
     amp = autocast_dtype(t.precision, ctx.device)
 
+    found = load_latest(ckpt_dir) if resume else None
     model = build_model(
         recipe.model,
         adapters=recipe.adapters,
-        backbone_weights=recipe.backbone_weights or None,
+        backbone_weights=None if found else (recipe.backbone_weights or None),
         img_size=recipe.data.crop,
         generator=torch.Generator().manual_seed(t.seed),
+        init_adapters=found is None,  # a checkpoint overwrites every tensor
     ).to(ctx.device)
     step = TrainStep(model)
     if ctx.world_size > 1:
@@ -158,19 +160,17 @@ def train(
     loader = build_loader(train_set, sampler, num_workers=recipe.data.workers)
 
     start = 0
-    if resume:
-        found = load_latest(ckpt_dir)
-        if found is None:
-            say(f"--resume: no checkpoint in {ckpt_dir}, starting from iteration 0")
-        else:
-            state, path = found
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            loader.load_state_dict(state["data"])
-            torch.set_rng_state(state["rng"])
-            start = int(state["iteration"])
-            say(f"resumed from {path} at iteration {start}")
+    if resume and found is None:
+        say(f"--resume: no checkpoint in {ckpt_dir}, starting from iteration 0")
+    if found is not None:
+        state, path = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        start = int(state["iteration"])
+        say(f"resumed from {path} at iteration {start}")
     if ctx.is_main:
         work.mkdir(parents=True, exist_ok=True)
         (work / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=2))

@@ -298,6 +298,7 @@ def build_model(
     head_cfg: Mapping[str, Any] | None = None,
     progress: bool | None = None,
     generator: torch.Generator | None = None,
+    init_adapters: bool = True,
 ) -> Segmentor:
     """Build a :class:`Segmentor` from a preset.
 
@@ -319,6 +320,8 @@ def build_model(
         head_cfg: overrides of the preset's head arguments (e.g. ``{"loss_cfg": {...}}``).
         progress: adapter-initialisation progress bar (None: only on a terminal).
         generator: random generator for the Kaiming ablation init of the adapters.
+        init_adapters: False skips the adapters' decomposition (uninitialised tensors): for a
+            model that a full checkpoint is loaded into next (evaluation, resume, export).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -334,7 +337,9 @@ def build_model(
     if backbone_weights is not None:
         load_dinov2_weights(backbone, backbone_weights)
     if adapters is not None:
-        apply_recyclelora(backbone, adapters, generator=generator, progress=progress)
+        apply_recyclelora(
+            backbone, adapters, generator=generator, progress=progress, initialize=init_adapters
+        )
     with build_device:
         head = Mask2FormerHead(
             in_channels=(backbone.embed_dim,) * len(backbone.feature_strides),
