@@ -348,7 +348,10 @@ def test_forced_weights_only_route(setup, tmp_path, monkeypatch):
     ckpt = read_mmseg_checkpoint(path)
     buf = ckpt["sections"]["message_hub"]["log_scalars"]["train/loss"]
     assert buf.stub_class == "mmengine.logging.history_buffer.HistoryBuffer"
-    assert isinstance(read_mmseg_checkpoint(evil)["meta"]["x"], StubObject)
+    try:  # torch blocks modules like os/posix outright: a clear refusal is fine too
+        assert isinstance(read_mmseg_checkpoint(evil)["meta"]["x"], StubObject)
+    except MmsegCheckpointError as e:
+        assert "evil.pth" in str(e) and "system" in str(e)
     assert not marker.exists()
     with pytest.raises(MmsegCheckpointError, match="TORCH_FORCE_WEIGHTS_ONLY_LOAD.*unset it"):
         read_mmseg_checkpoint(tmp_path / "cfgdict.pth")

@@ -247,12 +247,14 @@ def _load_weights_only(path: str, stubbed: set[str]) -> Any:
         with ser.safe_globals([(_stub_class(n), n) for n in names]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # e.g. a dict or list subclass (ConfigDict): the weights-only unpickler only fills
-        # plain dicts and lists, so no stub can stand in for it
+        # a dict or list subclass (ConfigDict: the weights-only unpickler fills plain dicts and
+        # lists only) or a global from a module torch blocks outright (os, subprocess...)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = lines[-2] if len(lines) >= 2 else (lines or [""])[0]
         raise MmsegCheckpointError(
             f"{path!r}: TORCH_FORCE_WEIGHTS_ONLY_LOAD is set and torch's weights-only unpickler "
-            f"cannot read this file even with stubs ({str(e).strip().splitlines()[-1][:200]}); "
-            "unset it to use the restricted unpickler (which runs no pickled code either)"
+            f"cannot read this file even with stubs ({why[:200]}); unset it to use the "
+            "restricted unpickler (which runs no pickled code either)"
         ) from e
 
 
