@@ -216,3 +216,13 @@ def test_dinov2_large_adapter_count_on_meta(main, sub, table9):
     assert report.adapter_params == (main + sub) * 393_216
     assert round(report.adapter_params / 1e6, 2) == table9
     assert all(p.is_meta for p in blocks.parameters())
+
+
+def test_adapter_demo_runs(tmp_path, capsys):
+    from recyclelora.demo import main
+
+    main(["--steps", "3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "outputs bit-identical: True" in out
+    assert "state_dict keys and shapes equal to the base model's: True" in out
+    assert (tmp_path / "adapters.safetensors").is_file()

@@ -93,6 +93,8 @@ def test_resume_is_bit_exact_and_survives_a_killed_write(tmp_path, demo_data):
         "iter_6.pth",
     ]
     assert (tmp_path / "full" / "adapters.safetensors").is_file()
+    assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "full" / "recipe.json").read_text())["model"] == "tiny"
 
     part = tiny_recipe(tmp_path / "part")
     stopped = train(part, ctx, *datasets(demo_data), stop_at=3)

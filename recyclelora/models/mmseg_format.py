@@ -142,11 +142,13 @@ class StubObject:
         return f"<stub {self.stub_class}>"
 
 
-@functools.cache
-def _stub_class(name: str) -> type[StubObject]:
-    """A StubObject subclass per referenced name (pickle's NEWOBJ needs a class)."""
+def _new_stub_class(name: str) -> type[StubObject]:
+    """A StubObject subclass for one referenced name (pickle's NEWOBJ needs a class)."""
     short = re.sub(r"\W", "_", name.rpartition(".")[2]) or "Stub"
     return type(f"Stub_{short}", (StubObject,), {"stub_class": name, "__module__": __name__})
+
+
+_stub_class = functools.cache(_new_stub_class)  # shared ones: re-pickled / weights-only stubs
 
 
 def _make_stub(name: str, args, kwargs, state, dict_items, list_items) -> StubObject:
@@ -155,37 +157,15 @@ def _make_stub(name: str, args, kwargs, state, dict_items, list_items) -> StubOb
     return obj
 
 
-def _rebuild_from_type_v2_checked(func, new_type, args, state):
-    """torch's ``_rebuild_from_type_v2`` for plain tensors / parameters only."""
-    if func not in _TENSOR_REBUILDERS or new_type not in (torch.Tensor, nn.Parameter):
-        return _stub_class("torch._tensor._rebuild_from_type_v2")(func, new_type, args, state)
-    return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
-
-
-_TENSOR_REBUILDERS = tuple(
-    f
-    for f in (
-        getattr(torch._utils, "_rebuild_tensor_v2", None),
-        getattr(torch._utils, "_rebuild_parameter", None),
-        getattr(torch._utils, "_rebuild_parameter_with_state", None),
-    )
-    if f is not None
-)
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    """The only globals a checkpoint may resolve: tensor rebuilding and inert builtins."""
+def _inert_globals() -> dict[tuple[str, str], Any]:
+    """Globals a checkpoint may resolve as they are: immutable C types and builtin functions
+    (pickle's BUILD cannot set attributes on them)."""
     allowed: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2_checked,
-        ("torch", "Tensor"): torch.Tensor,
-        ("torch.nn.parameter", "Parameter"): nn.Parameter,
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,
         ("_codecs", "encode"): _codecs.encode,  # protocol-2 bytes
     }
-    for f in _TENSOR_REBUILDERS:
-        allowed[("torch._utils", f.__name__)] = f
     for name in ("set", "frozenset", "complex", "slice", "range", "bytes", "bytearray"):
         allowed[("builtins", name)] = getattr(builtins, name)
     for name in dir(torch):
@@ -195,7 +175,45 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-_ALLOWED = _allowed_globals()
+_INERT = _inert_globals()
+_REBUILDERS = ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")
+
+
+def _per_load_globals(stub_for) -> dict[tuple[str, str], Any]:
+    """Tensor rebuilding through fresh wrappers and tokens, made for one load.
+
+    Pickle's BUILD can set attributes on whatever ``find_class`` returned; handing out torch's
+    own Python functions or ``torch.Tensor`` would let a file tamper with them process-wide.
+    """
+    allowed: dict[tuple[str, str], Any] = {}
+    wrappers = []
+    for fname in _REBUILDERS:
+        f = getattr(torch._utils, fname, None)
+        if f is not None:
+
+            def wrapper(*args, _f=f, **kwargs):
+                return _f(*args, **kwargs)
+
+            allowed[("torch._utils", fname)] = wrapper
+            wrappers.append(wrapper)
+    # stand-ins for the classes that _rebuild_from_type_v2 receives as ``new_type``
+    tokens = {
+        type("TensorToken", (), {}): torch.Tensor,
+        type("ParameterToken", (), {}): nn.Parameter,
+    }
+    token_by_type = {cls: tok for tok, cls in tokens.items()}
+    allowed[("torch", "Tensor")] = token_by_type[torch.Tensor]
+    allowed[("torch.nn.parameter", "Parameter")] = token_by_type[nn.Parameter]
+
+    def rebuild_from_type_v2(func, new_type, args, state):
+        """torch's ``_rebuild_from_type_v2`` for plain tensors / parameters only."""
+        real_type = next((cls for tok, cls in tokens.items() if new_type is tok), None)
+        if real_type is None or not any(func is w for w in wrappers):
+            return stub_for("torch._tensor._rebuild_from_type_v2")(func, new_type, args, state)
+        return torch._tensor._rebuild_from_type_v2(func, real_type, args, state)
+
+    allowed[("torch._tensor", "_rebuild_from_type_v2")] = rebuild_from_type_v2
+    return allowed
 
 
 def _python3_name(module: str, name: str) -> tuple[str, str]:
@@ -208,16 +226,25 @@ def _python3_name(module: str, name: str) -> tuple[str, str]:
 
 
 def _restricted_pickle_module(stubbed: set[str]) -> types.SimpleNamespace:
-    """A ``pickle_module`` for ``torch.load`` whose unpickler resolves only ``_ALLOWED``."""
+    """A ``pickle_module`` for ``torch.load`` whose unpickler resolves only tensor rebuilding
+    and inert builtins; every other global becomes a stub class (fresh for this load)."""
+    classes: dict[str, type[StubObject]] = {}
+
+    def stub_for(name: str) -> type[StubObject]:
+        if name not in classes:
+            classes[name] = _new_stub_class(name)
+        return classes[name]
+
+    allowed = {**_INERT, **_per_load_globals(stub_for)}
 
     class RestrictedUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
             module, name = _python3_name(module, name)
-            obj = _ALLOWED.get((module, name))
+            obj = allowed.get((module, name))
             if obj is not None:
                 return obj
             stubbed.add(f"{module}.{name}")
-            return _stub_class(f"{module}.{name}")
+            return stub_for(f"{module}.{name}")
 
     def load(file, **kwargs):
         return RestrictedUnpickler(file, **kwargs).load()
