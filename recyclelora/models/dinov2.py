@@ -16,6 +16,7 @@ the final ``norm``, reshaped to feature maps and rescaled bilinearly by 4, 2, 1 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -379,77 +380,61 @@ class DinoVisionTransformer(nn.Module):
 # Presets. Defaults: the paper's setting, image 512 at patch 16 (a 32x32 position grid).
 
 
-def dinov2_tiny(
+@dataclass(frozen=True)
+class Size:
+    """One DINOv2 size: width, depth, heads, and which fractions of the depth feed the head."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    fractions: Sequence[float] = OUT_FRACTIONS_THIRDS
+    ffn_layer: str = "mlp"
+
+
+SIZES: dict[str, Size] = {
+    "tiny": Size(64, 4, 4),  # fast CPU tests; outputs blocks (0, 1, 2, 3)
+    "s": Size(384, 12, 6),  # outputs (3, 5, 7, 11)
+    "b": Size(768, 12, 12),  # outputs (3, 5, 7, 11)
+    "l": Size(1024, 24, 16),  # outputs (7, 11, 15, 23), as RecycleLoRA
+    # released dinov2_vitg14: SwiGLU ("swiglufused": mlp.w12 1536->8192, mlp.w3 4096->1536)
+    "g": Size(1536, 40, 24, OUT_FRACTIONS_QUARTERS, "swiglu"),  # outputs (9, 19, 29, 39)
+}
+
+
+def dinov2(
+    size: str,
     img_size: int | Sequence[int] = 512,
     patch_size: int = 16,
     out_indices: Sequence[int] | None = None,
     **kwargs,
 ) -> DinoVisionTransformer:
-    """A 4-block, 64-wide model (4 heads) for fast CPU tests; outputs blocks (0, 1, 2, 3)."""
+    """A DINOv2 of one of ``SIZES``; ``out_indices`` default to its proportional pyramid blocks."""
+    z = SIZES[size]
     if out_indices is None:
-        out_indices = proportional_out_indices(4)
-    return DinoVisionTransformer(img_size, patch_size, 64, 4, 4, out_indices=out_indices, **kwargs)
-
-
-def dinov2_vits(
-    img_size: int | Sequence[int] = 512,
-    patch_size: int = 16,
-    out_indices: Sequence[int] | None = None,
-    **kwargs,
-) -> DinoVisionTransformer:
-    """ViT-S (384 wide, 12 blocks, 6 heads); outputs blocks (3, 5, 7, 11)."""
-    if out_indices is None:
-        out_indices = proportional_out_indices(12)
+        out_indices = proportional_out_indices(z.depth, z.fractions)
+    kwargs.setdefault("ffn_layer", z.ffn_layer)
     return DinoVisionTransformer(
-        img_size, patch_size, 384, 12, 6, out_indices=out_indices, **kwargs
+        img_size, patch_size, z.embed_dim, z.depth, z.num_heads, out_indices=out_indices, **kwargs
     )
 
 
-def dinov2_vitb(
-    img_size: int | Sequence[int] = 512,
-    patch_size: int = 16,
-    out_indices: Sequence[int] | None = None,
-    **kwargs,
-) -> DinoVisionTransformer:
-    """ViT-B (768 wide, 12 blocks, 12 heads); outputs blocks (3, 5, 7, 11)."""
-    if out_indices is None:
-        out_indices = proportional_out_indices(12)
-    return DinoVisionTransformer(
-        img_size, patch_size, 768, 12, 12, out_indices=out_indices, **kwargs
-    )
+def dinov2_tiny(**kwargs) -> DinoVisionTransformer:
+    """4 blocks, 64 wide, 4 heads: for fast CPU tests and the demo."""
+    return dinov2("tiny", **kwargs)
 
 
-def dinov2_vitl(
-    img_size: int | Sequence[int] = 512,
-    patch_size: int = 16,
-    out_indices: Sequence[int] | None = None,
-    **kwargs,
-) -> DinoVisionTransformer:
-    """ViT-L (1024 wide, 24 blocks, 16 heads); outputs blocks (7, 11, 15, 23) as in RecycleLoRA.
-
-    304,199,680 parameters at 512/16 and 304,368,640 at 518/14 (the released model).
-    """
-    if out_indices is None:
-        out_indices = proportional_out_indices(24)
-    return DinoVisionTransformer(
-        img_size, patch_size, 1024, 24, 16, out_indices=out_indices, **kwargs
-    )
+def dinov2_vits(**kwargs) -> DinoVisionTransformer:
+    return dinov2("s", **kwargs)
 
 
-def dinov2_vitg(
-    img_size: int | Sequence[int] = 512,
-    patch_size: int = 16,
-    out_indices: Sequence[int] | None = None,
-    **kwargs,
-) -> DinoVisionTransformer:
-    """ViT-g (1536 wide, 40 blocks, 24 heads, SwiGLU FFN of width 4096); outputs (9, 19, 29, 39).
+def dinov2_vitb(**kwargs) -> DinoVisionTransformer:
+    return dinov2("b", **kwargs)
 
-    Matches the released ``dinov2_vitg14`` (``ffn_layer="swiglufused"``: ``mlp.w12`` 1536→8192,
-    ``mlp.w3`` 4096→1536).
-    """
-    if out_indices is None:
-        out_indices = proportional_out_indices(40, OUT_FRACTIONS_QUARTERS)
-    kwargs.setdefault("ffn_layer", "swiglu")
-    return DinoVisionTransformer(
-        img_size, patch_size, 1536, 40, 24, out_indices=out_indices, **kwargs
-    )
+
+def dinov2_vitl(**kwargs) -> DinoVisionTransformer:
+    """ViT-L: 304,199,680 parameters at 512/16 and 304,368,640 at 518/14 (the released model)."""
+    return dinov2("l", **kwargs)
+
+
+def dinov2_vitg(**kwargs) -> DinoVisionTransformer:
+    return dinov2("g", **kwargs)
