@@ -14,6 +14,8 @@ import copy
 import io
 import os
 import pathlib
+import pickle
+import struct
 import sys
 import types
 from collections import OrderedDict
@@ -83,6 +85,8 @@ def templates():
         "adapted": build_model("tiny", adapters=CFG, progress=False),
         "plain": build_model("tiny", adapters=None),
         "other_ranks": build_model("tiny", adapters=RecycleLoRAConfig(4, 2), progress=False),
+        # no decomposition: the cheap model to load a full checkpoint into
+        "uninitialised": build_model("tiny", adapters=CFG, init_adapters=False),
     }
 
 
@@ -220,7 +224,7 @@ def test_round_trip_is_lossless(setup, templates):
     assert raw["meta"]["recyclelora"]["initial_factors"] == "stored"
     assert "lora_alpha = 1.0" in raw["meta"]["cfg"]
 
-    target = fresh(templates)
+    target = fresh(templates, "uninitialised")
     report = load_mmseg_checkpoint(target, path)
     assert report.ok and report.initial_factors == "stored", str(report)
     assert report.ranks == (8, 2) and report.alpha == 1.0
@@ -272,6 +276,9 @@ def test_authors_checkpoint_loads_safely_and_matches(setup, templates):
     target2 = fresh(templates)
     assert load_mmseg_checkpoint(target2, again).initial_factors == "unknown"
     assert torch.equal(outputs(model), outputs(target2))
+    target3 = fresh(templates, "uninitialised")
+    assert load_mmseg_checkpoint(target3, path).ok
+    assert torch.equal(outputs(model), outputs(target3))
     # the forward-equivalent merge still works
     merged = merge_recyclelora(copy.deepcopy(target))
     assert torch.allclose(outputs(merged), outputs(model), atol=1e-4, rtol=1e-4)
@@ -329,6 +336,62 @@ def test_malicious_reduce_does_not_run(setup, tmp_path, zipfile):
     with pytest.raises(MmsegCheckpointError, match=r"evil2\.pth.*no 'state_dict'"):
         read_mmseg_checkpoint(tmp_path / "evil2.pth")
     assert not any(m.exists() for m in markers.values())
+
+
+def test_torch_objects_load_exactly_and_globals_cannot_be_tampered(tmp_path):
+    t = torch.arange(4.0)
+    t.note = "python attribute"  # pickled through _rebuild_from_type_v2
+    state = OrderedDict(
+        p=torch.nn.Parameter(torch.ones(2)),
+        t=t,
+        h=torch.randn(3, 3).to(torch.bfloat16),
+        extra={"size": torch.Size([2, 3]), "dtype": torch.float16, "set": {1, 2}, "b": b"xy"},
+    )
+    torch.save({"state_dict": state}, tmp_path / "objs.pth")
+    got = read_mmseg_checkpoint(tmp_path / "objs.pth")
+    assert got["stubbed"] == []
+    s = got["state_dict"]
+    assert isinstance(s["p"], torch.nn.Parameter) and s["p"].requires_grad
+    assert torch.equal(s["t"], t) and s["t"].note == "python attribute"
+    assert torch.equal(s["h"], state["h"]) and s["h"].dtype == torch.bfloat16
+    assert s["extra"] == state["extra"]
+
+    # pickle's BUILD sets attributes on whatever a GLOBAL resolved to: it must not reach torch
+    def u(text: str) -> bytes:
+        raw = text.encode()
+        return pickle.BINUNICODE + struct.pack("<I", len(raw)) + raw
+
+    def tamper(module: str, name: str) -> bytes:  # GLOBAL; BUILD (None, {"pwned": "pwned"}); POP
+        state = pickle.NONE + pickle.EMPTY_DICT + u("pwned") + u("pwned") + pickle.SETITEM
+        return (
+            pickle.GLOBAL
+            + f"{module}\n{name}\n".encode()
+            + state
+            + pickle.TUPLE2
+            + (pickle.BUILD + pickle.POP)
+        )
+
+    body = (
+        pickle.PROTO
+        + b"\x02"
+        + tamper("torch._utils", "_rebuild_tensor_v2")
+        + tamper("torch", "Tensor")
+        + pickle.EMPTY_DICT
+        + u("state_dict")
+        + pickle.EMPTY_DICT
+        + pickle.SETITEM
+        + pickle.STOP
+    )
+    f = io.BytesIO()  # torch's legacy container: magic, protocol, sys info, object, storages
+    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {}}
+    for obj in (0x1950A86A20F9469CFC6C, 1001, sys_info):
+        pickle.dump(obj, f, protocol=2)
+    f.write(body)
+    pickle.dump([], f, protocol=2)
+    (tmp_path / "tamper.pth").write_bytes(f.getvalue())
+    read_mmseg_checkpoint(tmp_path / "tamper.pth")
+    assert not hasattr(torch._utils._rebuild_tensor_v2, "pwned")
+    assert not hasattr(torch.Tensor, "pwned")
 
 
 def test_forced_weights_only_route(setup, tmp_path, monkeypatch):
@@ -445,6 +508,19 @@ def test_rank_and_structure_mismatch_errors(setup, templates, tmp_path):
             cfg_path,
         )
         load_mmseg_checkpoint(fresh(templates), cfg_path)
+    # alpha inside a ConfigDict (read as a stub) is found too
+    cfg_mod = types.ModuleType("mmengine.config")
+
+    class ConfigDict(dict):
+        pass
+
+    ConfigDict.__module__, ConfigDict.__qualname__ = cfg_mod.__name__, "ConfigDict"
+    cfg_mod.ConfigDict = ConfigDict
+    cfg = ConfigDict(model=ConfigDict(backbone=ConfigDict(r_max=10, lora_alpha=0.5)))
+    with fake_modules(mmengine=types.ModuleType("mmengine"), **{cfg_mod.__name__: cfg_mod}):
+        torch.save({"meta": {"cfg": cfg}, "state_dict": authors_state(model)}, tmp_path / "c.pth")
+    with pytest.raises(MmsegCheckpointError, match=r"lora_alpha = 0.5 in meta\['cfg'\] \(Config"):
+        load_mmseg_checkpoint(fresh(templates), tmp_path / "c.pth")
     soma = {"backbone.model.blocks.8.attn.q.lora_A.weight": torch.zeros(16, 64)}
     torch.save({"state_dict": soma}, tmp_path / "soma.pth")
     with pytest.raises(MmsegCheckpointError, match="not supported: this is a SoMA checkpoint"):

@@ -29,6 +29,10 @@ FORMAT = "recyclelora-adapters/1"
 ONE_HOT = ".A0_columns"
 
 
+class InitialFactorsUnknownError(ValueError):
+    """Adapters whose initial factors A0/B0 are unknown cannot be saved on their own."""
+
+
 def one_hot_columns(a0: torch.Tensor) -> torch.Tensor | None:
     """Column index of each row if ``a0`` is exactly one-hot per row, else ``None``."""
     cols = a0.argmax(dim=1)
@@ -43,6 +47,12 @@ def save_adapters(model: nn.Module, path: str | Path, metadata: dict | None = No
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
     for name, layer in iter_adapted(model):
+        if not layer.initial_factors_known:
+            raise InitialFactorsUnknownError(
+                f"initial factors unknown: {name} was loaded from a checkpoint without them, so "
+                "the adapters cannot be re-attached to a base model on their own; reconstruct "
+                "them from the base weights, e.g. load_mmseg_checkpoint(..., base_weights=PATH)"
+            )
         layers[name] = [layer.out_features, layer.in_features, layer.bias is not None]
         for adapter, b, a in layer.adapter_pairs():
             p = f"{name}.lora_{adapter}"

@@ -147,6 +147,16 @@ class RecycleLoRALinear(nn.Module):
         self.merged_weight = None
 
     @property
+    def initial_factors_known(self) -> bool:
+        """False when ``lora_*_A0/B0`` hold NaN: the layer was loaded from a checkpoint without
+        them (e.g. the authors' mmseg files), so its residual's origin cannot be re-derived."""
+        return all(
+            bool(torch.isfinite(t).all())
+            for _, b, a in self.adapter_pairs(initial=True)
+            for t in (b, a)
+        )
+
+    @property
     def is_merged(self) -> bool:
         return self.merged_weight is not None
 

@@ -52,7 +52,10 @@ def from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, LayerAdapters]:
         if "A" not in p or "B" not in p:
             raise ValueError(f"{layer}: lora_{adapter} has {sorted(p)}, needs both A and B")
         entry = layers.setdefault(layer, LayerAdapters(layer))
-        entry.adapters[adapter] = Adapter(p["B"], p["A"], p.get("B0"), p.get("A0"))
+        b0, a0 = p.get("B0"), p.get("A0")
+        if b0 is not None and a0 is not None and not (b0.isfinite().all() and a0.isfinite().all()):
+            b0 = a0 = None  # NaN: unknown (a checkpoint that did not carry them)
+        entry.adapters[adapter] = Adapter(p["B"], p["A"], b0, a0)
     return layers
 
 

@@ -20,8 +20,8 @@ are ``lora_main_A`` / ``lora_main_B`` / ``lora_sub_A`` / ``lora_sub_B``.
 Initial factors. Our layers keep the initial factors ``A0``, ``B0`` (``W_res = W0 - s Σ B0 A0``)
 so that adapters can be saved alone and re-attached to the base model. The authors' files do not
 have them. Loading such a file leaves them *unknown*: the buffers are set to NaN (the forward does
-not use them) and the layer is marked, so that reading them — ``save_adapters``, or
-``adapter_pairs(initial=True)`` — raises :class:`InitialFactorsUnknownError`. Pass
+not use them), the layer's ``initial_factors_known`` turns False and ``save_adapters`` raises
+:class:`~recyclelora.adapters.io.InitialFactorsUnknownError`. Pass
 ``base_weights=`` (the DINOv2 checkpoint the adapters were initialised from) to reconstruct them:
 ``D = (W0 - W_res) / s`` has exactly ``r_main + r_sub`` non-zero columns (RRQR's one-hot ``A0``)
 equal to the ``B0`` columns; our RRQR on ``W0`` says which column belongs to which adapter and in
@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from ..adapters.config import RecycleLoRAConfig
 from ..adapters.init import rrqr_factors
+from ..adapters.io import InitialFactorsUnknownError
 from ..adapters.layer import ADAPTERS, RecycleLoRALinear
 from ..adapters.model import CONFIG_ATTR, iter_adapted
 
@@ -64,7 +65,6 @@ __all__ = [
     "LoadReport",
     "MmsegCheckpointError",
     "MmsegLoadReport",
-    "RecycleLoRALinearUnknownInit",
     "StubObject",
     "export_mmseg_checkpoint",
     "initial_factors_known",
@@ -82,10 +82,6 @@ _AUTHORS_ALPHA = 1.0  # lora_alpha of every authors' config (docs §2b)
 
 class MmsegCheckpointError(ValueError):
     """A checkpoint that cannot be read, recognised or loaded into the given model."""
-
-
-class InitialFactorsUnknownError(RuntimeError):
-    """The layer's initial factors A0/B0 were not in the checkpoint it was loaded from."""
 
 
 # =============================================================================================
@@ -396,48 +392,21 @@ def read_mmseg_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 _INITIAL_BUFFERS = frozenset(f"lora_{a}_{p}0" for a in ADAPTERS for p in "AB")
 
 
-class RecycleLoRALinearUnknownInit(RecycleLoRALinear):
-    """A :class:`RecycleLoRALinear` whose initial factors are unknown.
-
-    Same parameters, buffers (``lora_*_A0/B0`` hold NaN) and forward; reading the initial
-    factors as attributes (``save_adapters``, ``adapter_pairs(initial=True)``,
-    ``reset_to_initial``) raises :class:`InitialFactorsUnknownError`. ``state_dict`` still lists
-    the NaN buffers, so a model-to-model copy keeps the shapes.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        if name in _INITIAL_BUFFERS:
-            reason = self.__dict__.get("initial_factors_unknown", "not recorded")
-            raise InitialFactorsUnknownError(f"initial factors unknown: {reason}")
-        return super().__getattr__(name)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", initial factors unknown"
-
-
-def _mark_unknown(layer: RecycleLoRALinear, reason: str) -> None:
+def _mark_unknown(layer: RecycleLoRALinear) -> None:
+    """NaN initial factors: ``initial_factors_known`` turns False and ``save_adapters`` refuses."""
     with torch.no_grad():
         for name in _INITIAL_BUFFERS:
             buf = layer._buffers.get(name)
             if buf is not None:
                 buf.fill_(math.nan)
-    layer.__class__ = RecycleLoRALinearUnknownInit
-    layer.initial_factors_unknown = reason
-
-
-def _mark_known(layer: RecycleLoRALinear) -> None:
-    if isinstance(layer, RecycleLoRALinearUnknownInit):
-        layer.__class__ = RecycleLoRALinear
-        layer.__dict__.pop("initial_factors_unknown", None)
 
 
 def initial_factors_known(model: nn.Module) -> bool:
     """False if any adapted layer of ``model`` has unknown initial factors."""
-    return not any(isinstance(m, RecycleLoRALinearUnknownInit) for m in model.modules())
+    return all(layer.initial_factors_known for _, layer in iter_adapted(model))
 
 
 def _set_factors(layer: RecycleLoRALinear, factors: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-    _mark_known(layer)
     with torch.no_grad():
         for adapter, (b0, a0) in factors.items():
             layer._buffers[f"lora_{adapter}_B0"].copy_(b0)
@@ -484,7 +453,9 @@ def _reconstruct_layer(
     ``|D column - RRQR column|``.
     """
     dtype = w_res.dtype
-    w0 = w0.to(dtype)
+    w_res = w_res.detach().cpu()
+    bias = None if bias is None else bias.detach().cpu()
+    w0 = w0.to("cpu", dtype)
     if w0.shape != w_res.shape:
         raise MmsegCheckpointError(
             f"{name}: base weight {tuple(w0.shape)} vs checkpoint weight {tuple(w_res.shape)}"
@@ -702,24 +673,27 @@ def _find_alpha(meta: Mapping[str, Any]) -> tuple[float | None, str]:
         alpha = ours["config"].get("alpha")
         if isinstance(alpha, (int, float)):
             return float(alpha), "meta['recyclelora']"
-    cfg = meta.get("cfg")
-    if isinstance(cfg, str):
-        m = _ALPHA_IN_CFG.search(cfg)
-        if m:
-            try:
-                return float(m[1]), "meta['cfg']"
-            except ValueError:
-                pass
-    # a ConfigDict read as a stub: look for a 'lora_alpha' entry, a few levels deep
-    todo: list[tuple[Any, int]] = [(cfg, 0)]
-    while todo:
-        obj, depth = todo.pop()
-        items = obj.dict_items if isinstance(obj, StubObject) else obj
-        if not isinstance(items, Mapping) or depth > 6:
+    for key in ("cfg", "config"):  # mmengine: 'cfg' (pretty text); mmcv 1.x: 'config'
+        cfg = meta.get(key)
+        if isinstance(cfg, str):
+            m = _ALPHA_IN_CFG.search(cfg)
+            if m:
+                try:
+                    return float(m[1]), f"meta[{key!r}]"
+                except ValueError:
+                    pass
             continue
-        if isinstance(items.get("lora_alpha"), (int, float)):
-            return float(items["lora_alpha"]), "meta['cfg'] (ConfigDict)"
-        todo.extend((v, depth + 1) for v in items.values())
+        # a ConfigDict read as a stub: look for a 'lora_alpha' entry, a few levels deep
+        todo: list[tuple[Any, int]] = [(cfg, 0)]
+        while todo:
+            obj, depth = todo.pop()
+            items = obj.dict_items if isinstance(obj, StubObject) else obj
+            if not isinstance(items, Mapping) or depth > 6:
+                continue
+            value = items.get("lora_alpha")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value), f"meta[{key!r}] (ConfigDict)"
+            todo.extend((v, depth + 1) for v in items.values())
     return None, ""
 
 
@@ -752,8 +726,13 @@ def _resolve_file_factors(
         part = entry.get(adapter, {})
         b0 = part.get("B0")
         a0 = part.get("A0")
-        if a0 is None and part.get("A0" + _COLUMNS) is not None:
-            a0 = _one_hot(part["A0" + _COLUMNS], layer.in_features, layer.weight)
+        cols = part.get("A0" + _COLUMNS)
+        if a0 is None and cols is not None:
+            if cols.ndim != 1 or cols.is_floating_point() or cols.numel() != r:
+                return None
+            if cols.numel() and not 0 <= int(cols.min()) <= int(cols.max()) < layer.in_features:
+                return None
+            a0 = _one_hot(cols, layer.in_features, layer.weight)
         if b0 is None or a0 is None:
             return None
         if tuple(b0.shape) != (layer.out_features, r) or tuple(a0.shape) != (r, layer.in_features):
@@ -870,6 +849,9 @@ def load_mmseg_checkpoint(
 
     Nothing is loaded if anything fails: unreadable file, structure/shape mismatch, or — with
     ``strict`` — any missing or unexpected key (``strict=False`` loads the rest and reports).
+
+    A model built with ``build_model(..., init_adapters=False)`` skips the (here useless)
+    decomposition; every tensor comes from the file.
 
     Initial factors: stored ones (our exports) are loaded; else ``base_weights`` (a DINOv2
     checkpoint for ``load_dinov2_weights``) reconstructs them (``atol``: tolerance of the
@@ -1020,6 +1002,11 @@ def load_mmseg_checkpoint(
         file_cfg = ours.get("config") if isinstance(ours, Mapping) else None
         if isinstance(file_cfg, Mapping):
             new_init, new_qr = file_cfg.get("init"), file_cfg.get("qr_dtype")
+            try:  # validate before anything is loaded
+                dataclasses.replace(_model_config(model), init=new_init, qr_dtype=new_qr)
+            except (TypeError, ValueError):
+                report.notes.append("ignored meta['recyclelora']['config'] init/qr_dtype")
+                new_init = new_qr = None
         else:
             new_init = "rrqr"  # the authors' method
         todo = {n: layer for n, layer in loaded_layers.items() if n not in factors}
@@ -1069,17 +1056,11 @@ def load_mmseg_checkpoint(
         result = model.load_state_dict(to_load, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     report.loaded = list(to_load)
-    reason = (
-        f"the layer was loaded from {path!r}, which stores no initial factors; pass "
-        "base_weights=<the DINOv2 checkpoint the adapters were initialised from> to "
-        "load_mmseg_checkpoint, or call reconstruct_initial_factors(model, base_weights); "
-        "export_mmseg_checkpoint and merging work without them"
-    )
     for name, layer in loaded_layers.items():
         if name in factors:
             _set_factors(layer, factors[name])
         else:
-            _mark_unknown(layer, f"{name}: {reason}")
+            _mark_unknown(layer)
         if layer.is_merged:  # refresh the cached merged weight
             layer.merge()
     if loaded_layers:
@@ -1134,32 +1115,32 @@ def export_mmseg_checkpoint(
     state = model.state_dict()
     out: collections.OrderedDict[str, Tensor] = collections.OrderedDict()
     factors: dict[str, Tensor] = {}
-    n_unknown = 0
     for key, value in state.items():
         layer_name, _, leaf = key.rpartition(".")
         layer = adapted.get(layer_name)
+        value = value.detach().cpu()  # as mmengine's weights_to_cpu
         if layer is None:
-            out[key] = value.detach()
+            out[key] = value
             continue
         if adapter_keys == "merged":
             if leaf == "weight":
-                out[key] = layer.merged()
+                out[key] = layer.merged().cpu()
             elif not leaf.startswith("lora_"):
-                out[key] = value.detach()
+                out[key] = value
             continue
         m = re.fullmatch(r"lora_(main|sub)_([AB])(0?)", leaf)
         if m is None:
-            out[key] = value.detach()
+            out[key] = value
         elif not m[3]:
-            out[f"{layer_name}.lora_{m[2]}_{m[1]}"] = value.detach()
-        elif include_initial_factors and not isinstance(layer, RecycleLoRALinearUnknownInit):
+            out[f"{layer_name}.lora_{m[2]}_{m[1]}"] = value
+        elif include_initial_factors and layer.initial_factors_known:
             if m[2] == "A":
                 cols = _one_hot_columns(value)
                 if cols is not None:
                     factors[f"{key}{_COLUMNS}"] = cols
                     continue
-            factors[key] = value.detach()
-    n_unknown = sum(isinstance(la, RecycleLoRALinearUnknownInit) for la in adapted.values())
+            factors[key] = value
+    n_unknown = sum(not la.initial_factors_known for la in adapted.values())
 
     num_classes = getattr(getattr(model, "decode_head", None), "num_classes", None)
     exported_adapters = adapted and adapter_keys == "recyclelora"
@@ -1234,7 +1215,7 @@ def _plain_config(config: RecycleLoRAConfig) -> dict[str, Any]:
 
 
 def _describe(ckpt: Mapping[str, Any]) -> str:
-    state = ckpt["state_dict"]
+    state, _ = _strip_module_prefix(ckpt["state_dict"])
     lines = [f"container: {ckpt['container']}", f"state_dict: {len(state)} entries"]
     groups = collections.Counter(str(k).split(".", 1)[0] for k in state)
     lines += [f"  {g}.*: {n}" for g, n in sorted(groups.items())]
