@@ -199,7 +199,7 @@ def convert_hf_to_meta(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], 
 # Reading files.
 
 
-def _sniff(path: str) -> str:
+def checkpoint_kind(path: str) -> str:
     """'safetensors', 'torch-zip', 'torch-pickle' or 'unknown', from the first bytes."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -226,7 +226,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], str, li
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DINOv2 checkpoint not found: {path!r}; {_EXPECTED}")
-    kind = _sniff(path)
+    kind = checkpoint_kind(path)
     if kind == "unknown":
         raise DinoV2CheckpointError(
             f"{path!r} is neither a PyTorch checkpoint (zip/pickle) nor a safetensors file; "

@@ -57,6 +57,7 @@ from ..adapters.init import rrqr_factors
 from ..adapters.io import InitialFactorsUnknownError
 from ..adapters.layer import ADAPTERS, RecycleLoRALinear
 from ..adapters.model import CONFIG_ATTR, iter_adapted
+from .dinov2_weights import checkpoint_kind
 
 __all__ = [
     "FACTORS_SECTION",
@@ -281,18 +282,6 @@ def _load_weights_only(path: str, stubbed: set[str]) -> Any:
         ) from e
 
 
-def _sniff(path: str) -> str:
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head[:4] == b"PK\x03\x04":
-        return "torch-zip"
-    if head[:1] == b"\x80":
-        return "torch-legacy"
-    if len(head) >= 9 and head[8:9] == b"{" and path.endswith(".safetensors"):
-        return "safetensors"
-    return "unknown"
-
-
 def _is_tensor_state(obj: Any) -> bool:
     return (
         isinstance(obj, Mapping)
@@ -314,7 +303,7 @@ def read_mmseg_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     - ``"sections"``: every other top-level entry (``message_hub``, ``optimizer``,
       ``param_schedulers``, ``ema_state_dict``, :data:`FACTORS_SECTION`...), same treatment;
     - ``"stubbed"``: the sorted dotted names that became stubs;
-    - ``"container"``: ``"torch-zip"``, ``"torch-legacy"`` or ``"safetensors"`` (+ ``", bare
+    - ``"container"``: ``"torch-zip"``, ``"torch-pickle"`` or ``"safetensors"`` (+ ``", bare
       state dict"`` when the file is a state dict without the ``state_dict`` wrapper).
 
     Raises FileNotFoundError, or MmsegCheckpointError (naming the file) for an unreadable,
@@ -323,7 +312,7 @@ def read_mmseg_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"mmseg checkpoint not found: {path!r}")
-    kind = _sniff(path)
+    kind = checkpoint_kind(path)
     if kind == "unknown":
         raise MmsegCheckpointError(
             f"{path!r} is not a PyTorch checkpoint (neither a zip nor a pickle file); "
