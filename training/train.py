@@ -128,20 +128,22 @@ def build_sets(recipe: Recipe) -> tuple:
     return train_set, targets
 
 
-def prepare_demo_data(recipe: Recipe) -> dict:
-    """Generate the two-domain scenes (once) and convert their labels like real releases."""
+def prepare_demo_data(recipe: Recipe, ctx: distributed.Context) -> dict:
+    """Generate the two-domain scenes (once, on rank 0) and convert their labels like real
+    releases."""
     import prepare_data
 
     from recyclelora.data.synthetic import write_demo_datasets
 
     root = Path(recipe.data.root)
-    if not (root / "cityscapes" / "gtFine").is_dir():
+    if ctx.is_main and not (root / "cityscapes" / "gtFine").is_dir():
         log.info("generating the demo datasets in %s", root)
         roots = write_demo_datasets(root)
         write_demo_datasets(root / "source_val", n_source=16, n_target=0, seed=1)
         for name, path in (("gtav", roots["gtav"]), ("cityscapes", roots["cityscapes"])):
             prepare_data.main([name, str(path), "--workers", "1"])
         prepare_data.main(["gtav", str(root / "source_val" / "gta"), "--workers", "1"])
+    distributed.barrier(ctx)
     scale = EvalTransform((256, 128))
     return {
         "source (synthetic)": GTAV(root / "source_val" / "gta", transform=scale),
@@ -150,7 +152,7 @@ def prepare_demo_data(recipe: Recipe) -> dict:
 
 
 def run_demo(recipe: Recipe, ctx: distributed.Context, resume: bool) -> int:
-    evals = prepare_demo_data(recipe)
+    evals = prepare_demo_data(recipe, ctx)
     train_set = build_train_set(
         {"gtav": dataset_root(recipe, "gtav")}, transform=TrainTransform(crop_size=recipe.data.crop)
     )
@@ -160,6 +162,8 @@ def run_demo(recipe: Recipe, ctx: distributed.Context, resume: bool) -> int:
     ).to(ctx.device)
     before = evaluate(untrained, evals, ctx, mode="whole", workers=0)
     result = train(recipe, ctx, train_set, evals, resume=resume)
+    if not ctx.is_main:
+        return 0
     if not result.metrics:
         print(f"nothing to train: {recipe.work_dir} already reached {result.iteration} iterations")
         return 0
