@@ -1,0 +1,136 @@
+"""Training-step speed and peak memory of a preset, with and without data loading from files.
+
+Issues 3 and 4 ask, on a GPU, for one training step of the large preset at batch 4, 512x512,
+bf16 (peak memory, step time) and for iterations/s of the full syn2real step with data loading
+from GTAV-size files. Both variants run here side by side in one process:
+
+- "synthetic batch": random images/labels already on the device (model + optimiser only);
+- "GTAV-size files": the real TrainSet / augmentation / DataLoader over 1914x1052 PNG scenes.
+
+    python benchmarks/bench_train_step.py                              # GPU: large, bs 4, bf16
+    python benchmarks/bench_train_step.py --preset tiny --size 128 --iters 3   # CPU smoke run
+
+Prints a table and writes JSON (benchmarks/out/train_step.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from recyclelora import RecycleLoRAConfig, build_model, build_param_groups
+from recyclelora.data import TrainSet, build_loader, build_train_sampler
+from recyclelora.data.datasets import GTAV
+from recyclelora.data.transforms import TrainTransform
+from recyclelora.engine.trainer import autocast_dtype
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_data import write_gtav  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(model, optimizer, batches, device, amp, iters: int, warmup: int) -> dict:
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + iters):
+        t = time.perf_counter()
+        batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model.loss(images, labels, valid_hw=batch["valid_hw"].to(device))["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"median_step_s": med, "it_per_s": 1 / med, "peak_mem_gib": peak}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="dinov2_large_mask2former")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--images", type=int, default=32, help="GTAV-size files to generate")
+    p.add_argument("--out", default="benchmarks/out/train_step.json")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = autocast_dtype(args.precision, device)
+    torch.manual_seed(0)
+    # adapters initialised with Kaiming (no 90 s of QR): the step costs the same
+    model = build_model(
+        args.preset, adapters=RecycleLoRAConfig(32, 4, init="kaiming"), img_size=args.size
+    ).to(device)
+    optimizer = torch.optim.AdamW(build_param_groups(model, 1e-4, 0.05))
+
+    def synthetic():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield {
+                "image": torch.randint(0, 256, (args.batch, 3, args.size, args.size), generator=g),
+                "label": torch.randint(0, 19, (args.batch, args.size, args.size), generator=g),
+                "valid_hw": torch.tensor([[args.size, args.size]] * args.batch),
+            }
+
+    rows = [
+        {
+            "variant": "synthetic batch",
+            **run(model, optimizer, synthetic(), device, amp, args.iters, args.warmup),
+        }
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_gtav(Path(tmp) / "gta", args.images)
+        ts = TrainSet(
+            [GTAV(Path(tmp) / "gta", converted=False)], TrainTransform(crop_size=args.size)
+        )
+        sampler = build_train_sampler(ts, args.batch, seed=0, gtav_subset=None)
+        loader = build_loader(ts, sampler, num_workers=args.workers, persistent_workers=False)
+        batches = iter(loader)
+        rows.append(
+            {
+                "variant": f"GTAV-size files, {args.workers} workers",
+                **run(model, optimizer, batches, device, amp, args.iters, args.warmup),
+            }
+        )
+        del batches, loader
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    precision = args.precision if amp else "fp32"
+    print(f"{args.preset}, batch {args.batch}, {args.size}x{args.size}, {precision}, {name}")
+    print(f"{'variant':<32}{'s / step':>10}{'it / s':>9}{'peak GiB':>10}")
+    for r in rows:
+        peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
+        print(f"{r['variant']:<32}{r['median_step_s']:>10.3f}{r['it_per_s']:>9.2f}{peak:>10}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        **vars(args),
+        "device": name,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
