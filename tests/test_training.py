@@ -132,6 +132,14 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, demo_data, monkeyp
     assert (tmp_path / "checkpoints" / "iter_2.pth").is_file()
 
 
+# AdamW divides by sqrt(v) + eps: with the recipe's eps 1e-8, float rounding noise in gradients
+# that are mathematically 0 (e.g. attention key biases: softmax ignores them) becomes lr-sized
+# updates that differ between any two summation orders. eps 1e-4 leaves real gradients (~1e-3)
+# almost untouched and keeps that noise from moving parameters, so the parameters compare the
+# gradients DDP computes with the single-process ones.
+DDP_EPS = 1e-4
+
+
 def ddp_worker(rank: int, port: int, work: str, roots: dict) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
@@ -139,7 +147,7 @@ def ddp_worker(rank: int, port: int, work: str, roots: dict) -> None:
     torch.set_num_threads(1)
     ctx = distributed.init("cpu")
     try:
-        train(tiny_recipe(Path(work), iterations=4), ctx, *datasets(roots))
+        train(tiny_recipe(Path(work), iterations=4, eps=DDP_EPS), ctx, *datasets(roots))
     finally:
         distributed.shutdown()
 
@@ -152,18 +160,14 @@ def free_port() -> int:
 
 def test_ddp_two_processes_match_one(tmp_path, demo_data):
     """Global batch 4 = 2 ranks x 2 images, gloo: same parameters as one process with batch 4."""
-    single = tiny_recipe(tmp_path / "single", iterations=4)
+    single = tiny_recipe(tmp_path / "single", iterations=4, eps=DDP_EPS)
     train(single, distributed.Context(), *datasets(demo_data))
     mp.spawn(ddp_worker, args=(free_port(), str(tmp_path / "ddp"), demo_data), nprocs=2, join=True)
     a, b = final_state(tmp_path / "ddp", 4), final_state(tmp_path / "single", 4)
-    # Attention key biases shift every logit of a query equally: softmax ignores them, so their
-    # true gradient is exactly 0 and AdamW turns the rounding noise in it into lr-sized steps
-    # that differ run to run. They are excluded; everything else must agree.
-    for state in (a, b):
-        for k in [k for k in state if k.endswith("attn.in_proj_bias")]:
-            e = state[k].numel() // 3
-            state[k] = torch.cat([state[k][:e], state[k][2 * e :]])
-    assert_same(a, b, atol=1e-5)
+    # AdamW moves a parameter by at most about lr per step: differences stay below 1% of that
+    # budget (measured: about 6e-6), orders of magnitude under any real update.
+    lr, iters = single.train.lr, single.train.iterations
+    assert_same(a, b, atol=0.01 * lr * iters)
     trained = [k for k in a if "lora_main_A" in k]
     assert trained and any(not torch.equal(a[k], a[k.replace("_A", "_A0")]) for k in trained)
 

@@ -168,17 +168,16 @@ class Mask2FormerHead(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """mmdet ``Mask2FormerHead.init_weights``: projections caffe2-xavier with zero bias, the
-        pixel decoder's own init, xavier-normal for every transformer-decoder tensor with
-        dim > 1. Embeddings (N(0, 1)) and the class/mask predictors keep PyTorch's defaults.
-        Only elementwise initialisers: runs (as a no-op) on the meta device.
+        """mmdet ``Mask2FormerHead.init_weights`` for the head's own layers: projections
+        caffe2-xavier with zero bias. The pixel decoder and the transformer decoder (xavier-normal
+        for every tensor with dim > 1) initialise themselves when built; embeddings (N(0, 1)) and
+        the class/mask predictors keep PyTorch's defaults. Only elementwise initialisers: runs (as
+        a no-op) on the meta device.
         """
         for m in self.decoder_input_projs:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1, mode="fan_in", nonlinearity="leaky_relu")
                 nn.init.zeros_(m.bias)
-        self.pixel_decoder.init_weights()
-        self.transformer_decoder.init_weights()
 
     @property
     def deform_attn_impl(self) -> DeformAttnImpl:

@@ -221,9 +221,8 @@ class Mask2FormerTransformerDecoderLayer(nn.Module):
 class Mask2FormerTransformerDecoder(nn.Module):
     """``num_layers`` decoder layers and the shared ``post_norm``.
 
-    The Mask2Former head drives the layers one by one (each needs the attention mask predicted
-    from the previous output); :meth:`forward` runs them with fixed masks, for completeness, and
-    returns every layer's post-normed output like mmdet's ``DetrTransformerDecoder``.
+    A container: the Mask2Former head drives the layers one by one (each needs the attention
+    mask predicted from the previous output) and applies ``post_norm`` to every output.
     """
 
     def __init__(
@@ -258,19 +257,3 @@ class Mask2FormerTransformerDecoder(nn.Module):
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
-
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor | None = None,
-        query_pos: Tensor | None = None,
-        key_pos: Tensor | None = None,
-        cross_attn_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Same arguments for every layer -> (num_layers, B, Q, E), each output post-normed."""
-        outs = []
-        for layer in self.layers:
-            query = layer(query, key, value, query_pos, key_pos, cross_attn_mask)
-            outs.append(self.post_norm(query))
-        return torch.stack(outs)
