@@ -51,7 +51,10 @@ class TrainConfig:
     ckpt_interval: int = 4_000
     keep_checkpoints: int = 3
     log_interval: int = 50
-    precision: str = "bf16"  # autocast dtype on GPU ("bf16", "fp16" or "fp32"); CPU runs fp32
+    # "fp32" as the authors (no autocast; PyTorch's default TF32 settings); "bf16" or "fp16"
+    # autocast on a GPU for speed (docs/method.md §3). CPU runs fp32 whatever is asked.
+    precision: str = "fp32"
+    deterministic: bool = False  # torch.use_deterministic_algorithms on a GPU (slower)
     seed: int = 0
 
 
@@ -60,6 +63,7 @@ class EvalConfig:
     mode: str = "slide"  # REFERENCE §2 test mode ("slide" or "whole")
     crop: int = 512
     stride: int = 341
+    precision: str = "fp32"  # validation during training and evaluate.py alike
 
 
 @dataclass

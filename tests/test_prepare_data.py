@@ -83,13 +83,13 @@ def test_killed_run_is_redone(tmp_path, capsys):
     outs = sorted((rel.root / "labels").glob("*_labelTrainIds.png"))
     F.truncate(outs[1], 0.5)  # a cut-off output
     outs[2].unlink()  # ... and a missing one with its temp file left behind
-    stale = outs[2].with_name(outs[2].name + f".part{DEAD_PID}")
+    stale = outs[2].with_name(f".{outs[2].name}.{DEAD_PID}.tmp")
     stale.write_bytes(b"\x89PNG half")
     assert not is_complete(outs[1])
     assert _run("gtav", str(rel.root), "--workers", "1") == 0
     assert "2 converted, 2 already done (skipped)" in capsys.readouterr().out
     assert not stale.exists() and is_complete(outs[1]) and is_complete(outs[2])
-    assert not list((rel.root / "labels").glob("*.part*"))
+    assert not list((rel.root / "labels").glob(".*.tmp"))
     for it in rel.items:
         out = it.label.with_name(it.label.stem + "_labelTrainIds.png")
         np.testing.assert_array_equal(read_label(out), _map(it.raw, CITYSCAPES_ID_TO_TRAIN))

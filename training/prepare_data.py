@@ -18,8 +18,8 @@ Run once per dataset, pointing at the folder the official archives were extracte
                     config_v1.2.json, nearest)
 
 Every run is resumable: outputs that exist and are complete are skipped; each output is written
-to NAME.part<pid> and renamed, so a killed run never leaves a half-written file behind (stale
-.part files are removed on the next run). Work is spread over --workers processes.
+to a hidden temporary and renamed, so a killed run never leaves a half-written file behind
+(stale temporaries are removed on the next run). Work is spread over --workers processes.
 """
 
 from __future__ import annotations
@@ -37,12 +37,11 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from recyclelora.atomic import is_temporary, remove_stale_temporaries, write_bytes
 from recyclelora.data import labels as L
 from recyclelora.data.datasets import TRAIN_IDS, Mapillary, UrbanSyn
 from recyclelora.data.imageio import (
-    PART_SUFFIX,
     DataError,
-    atomic_write_bytes,
     encode_jpeg,
     encode_png,
     image_size,
@@ -106,7 +105,7 @@ def _convert_label(job: Job, force: bool) -> Result:
             if label.shape != (ih, iw):
                 resized = (label.shape, (ih, iw))
                 label = cv2.resize(label, (iw, ih), interpolation=cv2.INTER_NEAREST)
-        atomic_write_bytes(job.out, encode_png(label))
+        write_bytes(job.out, encode_png(label))
     except DataError as e:
         return Result(job, "failed", error=str(e))
     return Result(job, "done", resized=resized)
@@ -148,8 +147,8 @@ def _halve_mapillary(job: Job, force: bool, quality: int) -> Result:
             label = cv2.resize(
                 label, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST
             )
-        atomic_write_bytes(job.out2, encode_png(halve_label(label)))
-        atomic_write_bytes(job.out, encode_jpeg(halve_image(image), quality=quality))
+        write_bytes(job.out2, encode_png(halve_label(label)))
+        write_bytes(job.out, encode_jpeg(halve_image(image), quality=quality))
     except DataError as e:
         return Result(job, "failed", error=str(e))
     return Result(job, "done", resized=resized)
@@ -183,36 +182,9 @@ def _wrong_root(name: str, root: Path, expected: str, source: str) -> LayoutErro
     )
 
 
-def _stale_parts(folders: Iterable[Path]) -> int:
-    """Delete NAME.part<pid> leftovers of killed runs (only those whose process is gone)."""
-    removed = 0
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for p in folder.glob(f"*{PART_SUFFIX}*"):
-            pid = p.name.rsplit(PART_SUFFIX, 1)[1]
-            if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
-                continue  # not ours, or a concurrent run's file in progress
-            p.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    return True
-
-
 def _originals(folder: Path, pattern: str) -> list[Path]:
     return sorted(
-        p
-        for p in folder.glob(pattern)
-        if not p.name.endswith(TRAIN_IDS) and PART_SUFFIX not in p.name
+        p for p in folder.glob(pattern) if not p.name.endswith(TRAIN_IDS) and not is_temporary(p)
     )
 
 
@@ -356,7 +328,8 @@ def run_jobs(
 ) -> Summary:
     """Run the per-file jobs (in a Pool when workers > 1) and collect a summary."""
     folders = {Path(j.out).parent for j in jobs} | {Path(j.out2).parent for j in jobs if j.out2}
-    _stale_parts(folders)
+    for folder in folders:
+        remove_stale_temporaries(folder)
     summary = Summary(name, total=len(jobs))
     args = [(kind, j, force, quality) for j in jobs]
     bar = tqdm(total=len(jobs), desc=name, unit="file", disable=not progress, dynamic_ncols=True)

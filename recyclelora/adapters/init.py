@@ -14,7 +14,13 @@ import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
+from .names import one_hot_rows
+
 Factors = tuple[torch.Tensor, torch.Tensor] | None
+# BLAS threads of the pivoted QR. The trailing pivots depend on the summation order, so the
+# count is part of the arithmetic (recorded in adapter files and checkpoints); one thread is
+# also the fastest here (geqp3 is memory-bound).
+QR_BLAS_THREADS = 1
 
 
 def check_ranks(shape: tuple[int, int], main_rank: int, sub_rank: int) -> None:
@@ -26,13 +32,6 @@ def check_ranks(shape: tuple[int, int], main_rank: int, sub_rank: int) -> None:
             f"{shape[0]}x{shape[1]} layer: the two adapters would overlap. Lower the ranks or "
             "exclude this layer from target_modules."
         )
-
-
-def one_hot_rows(columns: np.ndarray, k: int) -> torch.Tensor:
-    """(r, k) float64 matrix with row i equal to the unit vector at ``columns[i]``."""
-    a = torch.zeros(len(columns), k, dtype=torch.float64)
-    a[torch.arange(len(columns)), torch.as_tensor(columns, dtype=torch.long)] = 1.0
-    return a
 
 
 def rrqr_factors(
@@ -50,7 +49,7 @@ def rrqr_factors(
     w = weight.detach().to("cpu", torch.float64).numpy().astype(qr_dtype, copy=False)
     # geqp3 is memory-bound: extra BLAS threads gain little, and right after a torch op they
     # fight torch's spinning OpenMP workers (measured here: 0.7 s single-threaded vs up to 18 s).
-    with threadpool_limits(1, user_api="blas"):
+    with threadpool_limits(QR_BLAS_THREADS, user_api="blas"):
         q, _, piv = scipy.linalg.qr(w, pivoting=True, mode="economic")
     m = min(d, k)
     q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float64))

@@ -1,8 +1,9 @@
 """Save adapters alone (safetensors) and re-attach them to a fresh base model.
 
 The file holds, per adapted layer, the trained ``lora_*_A``/``lora_*_B`` and the initial factors
-that define its residual. RRQR's one-hot ``A0`` is stored as its column indices, which keeps the
-file at about (adapter size + B0 size) instead of twice the adapter size.
+that define its residual. RRQR's one-hot ``A0`` is stored as its column indices
+(``names.compress_one_hot``), which keeps the file at about (adapter size + B0 size) instead of
+twice the adapter size.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic import write_bytes
 from .config import RecycleLoRAConfig
 from .layer import RecycleLoRALinear
 from .model import (
@@ -24,21 +26,13 @@ from .model import (
     iter_adapted,
     split_name,
 )
+from .names import compress_one_hot, expand_one_hot, tensor_key
 
-FORMAT = "recyclelora-adapters/1"
-ONE_HOT = ".A0_columns"
+FORMAT = "recyclelora-adapters/2"
 
 
 class InitialFactorsUnknownError(ValueError):
     """Adapters whose initial factors A0/B0 are unknown cannot be saved on their own."""
-
-
-def one_hot_columns(a0: torch.Tensor) -> torch.Tensor | None:
-    """Column index of each row if ``a0`` is exactly one-hot per row, else ``None``."""
-    cols = a0.argmax(dim=1)
-    expected = torch.zeros_like(a0)
-    expected[torch.arange(a0.shape[0]), cols] = 1
-    return cols if torch.equal(a0, expected) else None
 
 
 def save_adapters(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
@@ -54,27 +48,18 @@ def save_adapters(model: nn.Module, path: str | Path, metadata: dict | None = No
                 "them from the base weights, e.g. load_mmseg_checkpoint(..., base_weights=PATH)"
             )
         layers[name] = [layer.out_features, layer.in_features, layer.bias is not None]
-        for adapter, b, a in layer.adapter_pairs():
-            p = f"{name}.lora_{adapter}"
-            tensors[f"{p}_A"], tensors[f"{p}_B"] = a.detach(), b.detach()
-            b0, a0 = getattr(layer, f"lora_{adapter}_B0"), getattr(layer, f"lora_{adapter}_A0")
-            tensors[f"{p}_B0"] = b0
-            cols = one_hot_columns(a0)
-            if cols is None:
-                tensors[f"{p}_A0"] = a0
-            else:
-                tensors[p + ONE_HOT] = cols
+        for initial in (False, True):
+            for adapter, b, a in layer.adapter_pairs(initial):
+                tensors[tensor_key(name, adapter, "A", initial)] = a.detach()
+                tensors[tensor_key(name, adapter, "B", initial)] = b.detach()
     header = {
         "format": FORMAT,
         "config": json.dumps(config.to_dict()),
         "layers": json.dumps(layers),
         "user": json.dumps(metadata or {}),
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
-    tmp.replace(path)
-    return path
+    tensors = compress_one_hot({k: v.contiguous().cpu() for k, v in tensors.items()})
+    return write_bytes(path, safetensors.torch.save(tensors, metadata=header))
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -99,12 +84,10 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch
             f"{path} is a safetensors file but not a RecycleLoRA adapter file "
             f"(format {header.get('format')!r}, expected {FORMAT!r})"
         )
-    for key in [k for k in tensors if k.endswith(ONE_HOT)]:
-        prefix = key[: -len(ONE_HOT)]
-        cols = tensors.pop(key)
-        a0 = torch.zeros_like(tensors[f"{prefix}_A"])
-        a0[torch.arange(len(cols)), cols] = 1
-        tensors[f"{prefix}_A0"] = a0
+    try:
+        tensors = expand_one_hot(tensors)
+    except ValueError as e:
+        raise ValueError(f"{path}: damaged adapter file ({e}); re-save it") from e
     return header, tensors
 
 
@@ -149,13 +132,14 @@ def load_adapters(model: nn.Module, path: str | Path) -> RecycleLoRAConfig:
             if r == 0:
                 factors[adapter] = None
                 continue
-            p = f"{name}.lora_{adapter}"
-            factors[adapter] = (tensors[f"{p}_B0"], tensors[f"{p}_A0"])
+            factors[adapter] = tuple(
+                tensors[tensor_key(name, adapter, part, initial=True)] for part in "BA"
+            )
         layer.reset_to_initial(base.weight, base.bias, factors)
         with torch.no_grad():
             for adapter, b, a in layer.adapter_pairs():
-                a.copy_(tensors[f"{name}.lora_{adapter}_A"])
-                b.copy_(tensors[f"{name}.lora_{adapter}_B"])
+                a.copy_(tensors[tensor_key(name, adapter, "A")])
+                b.copy_(tensors[tensor_key(name, adapter, "B")])
         parent, child = split_name(name)
         setattr(model.get_submodule(parent), child, layer)
     freeze_all_but_adapters(model)

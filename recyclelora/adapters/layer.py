@@ -8,8 +8,7 @@ from torch import nn
 
 from .config import RecycleLoRAConfig
 from .init import Factors, initial_factors
-
-ADAPTERS = ("main", "sub")
+from .names import ADAPTERS, tensor_name
 
 
 class RecycleLoRALinear(nn.Module):
@@ -48,14 +47,13 @@ class RecycleLoRALinear(nn.Module):
         for name, r in self.ranks.items():
             if r == 0:
                 continue
-            self.register_parameter(
-                f"lora_{name}_A", nn.Parameter(torch.empty(r, in_features, **kw))
-            )
-            self.register_parameter(
-                f"lora_{name}_B", nn.Parameter(torch.empty(out_features, r, **kw))
-            )
-            self.register_buffer(f"lora_{name}_A0", torch.empty(r, in_features, **kw))
-            self.register_buffer(f"lora_{name}_B0", torch.empty(out_features, r, **kw))
+            for part, shape in (("A", (r, in_features)), ("B", (out_features, r))):
+                self.register_parameter(
+                    tensor_name(name, part), nn.Parameter(torch.empty(shape, **kw))
+                )
+                self.register_buffer(
+                    tensor_name(name, part, initial=True), torch.empty(shape, **kw)
+                )
         self.register_buffer("merged_weight", None, persistent=False)
 
     @classmethod
@@ -109,14 +107,12 @@ class RecycleLoRALinear(nn.Module):
             if pair is None:
                 continue
             b0, a0 = pair
-            for suffix, t in (("A", a0), ("B", b0)):
-                getattr(self, f"lora_{name}_{suffix}").copy_(t)
-                getattr(self, f"lora_{name}_{suffix}0").copy_(t)
+            for part, t in (("A", a0), ("B", b0)):
+                getattr(self, tensor_name(name, part)).copy_(t)
+                getattr(self, tensor_name(name, part, initial=True)).copy_(t)
             # from the stored (layer-dtype) factors, so a re-attached layer gets the same bits
-            delta += (
-                getattr(self, f"lora_{name}_B0").double()
-                @ getattr(self, f"lora_{name}_A0").double()
-            )
+            b0, a0 = (getattr(self, tensor_name(name, p, initial=True)) for p in "BA")
+            delta += b0.double() @ a0.double()
         self.weight.copy_(base_weight.double() - self.scaling * delta)
         if self.bias is not None:
             self.bias.copy_(base_bias)
@@ -124,9 +120,12 @@ class RecycleLoRALinear(nn.Module):
 
     def adapter_pairs(self, initial: bool = False) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """``[(name, B (d, r), A (r, k))]`` for the adapters of non-zero rank."""
-        s = "0" if initial else ""
         return [
-            (n, getattr(self, f"lora_{n}_B{s}"), getattr(self, f"lora_{n}_A{s}"))
+            (
+                n,
+                getattr(self, tensor_name(n, "B", initial)),
+                getattr(self, tensor_name(n, "A", initial)),
+            )
             for n in ADAPTERS
             if self.ranks[n]
         ]
@@ -145,6 +144,36 @@ class RecycleLoRALinear(nn.Module):
 
     def unmerge(self) -> None:
         self.merged_weight = None
+
+    @torch.no_grad()
+    def set_initial_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Record ``{adapter: (B0 (d, r), A0 (r, k))}`` as the origin of the current residual.
+
+        Only the bookkeeping buffers change: the residual and the trainable factors stay, so the
+        layer's output does not. For checkpoints that carry a residual but not its factors,
+        once they have been reconstructed from the base weights.
+        """
+        for name, (b0, a0) in factors.items():
+            r = self.ranks[name]
+            if tuple(b0.shape) != (self.out_features, r) or tuple(a0.shape) != (
+                r,
+                self.in_features,
+            ):
+                raise ValueError(
+                    f"{name} adapter: initial factors of shapes {tuple(b0.shape)} and "
+                    f"{tuple(a0.shape)} do not fit a rank-{r} {self.out_features}x"
+                    f"{self.in_features} layer"
+                )
+            getattr(self, tensor_name(name, "B", initial=True)).copy_(b0)
+            getattr(self, tensor_name(name, "A", initial=True)).copy_(a0)
+
+    @torch.no_grad()
+    def forget_initial_factors(self) -> None:
+        """Mark the initial factors unknown (NaN): ``save_adapters`` then refuses this layer,
+        which cannot be re-attached to a base model without them."""
+        for _, b0, a0 in self.adapter_pairs(initial=True):
+            b0.fill_(float("nan"))
+            a0.fill_(float("nan"))
 
     @property
     def initial_factors_known(self) -> bool:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .config import RecycleLoRAConfig
 from .layer import RecycleLoRALinear
+from .names import is_adapter_tensor
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,14 @@ def find_config(model: nn.Module) -> RecycleLoRAConfig:
 
 def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     for name, p in model.named_parameters():
-        if split_name(name)[1].startswith("lora_"):
+        if is_adapter_tensor(split_name(name)[1]):
             yield name, p
 
 
 def freeze_all_but_adapters(model: nn.Module) -> None:
     """Only ``lora_*`` tensors train: residuals, biases and everything else are frozen."""
     for name, p in model.named_parameters():
-        p.requires_grad_(split_name(name)[1].startswith("lora_"))
+        p.requires_grad_(is_adapter_tensor(split_name(name)[1]))
 
 
 def apply_recyclelora(

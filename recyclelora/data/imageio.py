@@ -17,11 +17,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..atomic import write_bytes
+
 __all__ = [
-    "PART_SUFFIX",
     "DataError",
     "DataWarning",
-    "atomic_write_bytes",
     "encode_jpeg",
     "encode_png",
     "image_size",
@@ -34,7 +34,6 @@ __all__ = [
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8"
-PART_SUFFIX = ".part"  # temporary files of atomic writes: NAME.part<pid>
 
 _FIX = (
     "Re-extract this file from the dataset's official archive; if it is a file written by "
@@ -250,19 +249,6 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 75) -> bytes:
     return buf.tobytes()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via ``NAME.part<pid>`` + rename: a killed run never leaves a half file at ``path``."""
-    p = Path(path)
-    tmp = p.with_name(f"{p.name}{PART_SUFFIX}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_png(path: str | os.PathLike, array: np.ndarray, *, rgb: bool = False) -> None:
     """Atomically write a label (2-D) or an RGB image (``rgb=True``) as PNG."""
-    atomic_write_bytes(path, encode_png(array, rgb=rgb))
+    write_bytes(path, encode_png(array, rgb=rgb))
