@@ -3,13 +3,13 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test lint venv
+.PHONY: demo test lint venv mutation
 venv: $(VENV_STAMP)
 
 $(VENV_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU wheel on this machine's disk, never the multi-GB CUDA build.
+	# torch first, pinned to the CPU build (the CUDA build is several GB).
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(VENV_STAMP)
@@ -25,3 +25,10 @@ test: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+# Mutation testing of the adapter core ([tool.mutmut] in pyproject.toml); by developers, not CI.
+# One OpenMP thread: forked test runs with torch hang otherwise.
+mutation: $(VENV_STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[mutation]"
+	OMP_NUM_THREADS=1 $(PY) -m mutmut run
+	$(PY) -m mutmut results

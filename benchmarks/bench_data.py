@@ -1,5 +1,5 @@
-"""Training-data throughput at GTAV size (1914x1052): decoding, the full REFERENCE §3
-augmentation, and the DataLoader with 0, 1 and 2 workers, measured side by side in one run.
+"""Training-data throughput at GTAV size (1914x1052): decoding, the full training augmentation
+(docs/method.md §3), and the DataLoader with 0, 1 and 2 workers, measured side by side in one run.
 
 Images are procedural street scenes with sensor noise (PNG decoding cost depends on how well an
 image compresses; noise makes them GTAV-like rather than flat). Prints a table, writes JSON.

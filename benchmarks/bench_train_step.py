@@ -1,13 +1,17 @@
-"""Training-step speed and peak memory of a preset, with and without data loading from files.
+"""Training-step time, iterations per second and peak GPU memory of a preset.
 
-Issues 3 and 4 ask, on a GPU, for one training step of the large preset at batch 4, 512x512,
-bf16 (peak memory, step time) and for iterations/s of the full syn2real step with data loading
-from GTAV-size files. Both variants run here side by side in one process:
+The full step (forward, losses, backward, AdamW) of the model with its adapters, measured two
+ways side by side in one process:
 
-- "synthetic batch": random images/labels already on the device (model + optimiser only);
-- "GTAV-size files": the real TrainSet / augmentation / DataLoader over 1914x1052 PNG scenes.
+- "synthetic batch": random images and labels, so the figure is the model and optimiser alone;
+- "GTAV-size files": the real TrainSet, augmentation and DataLoader over 1914x1052 PNG scenes,
+  so the figure includes data loading (the synthetic-to-real recipe's step).
+
+Defaults: the large preset (DINOv2-L + Mask2Former), batch 4, 512x512 crops, bf16 autocast;
+``--precision fp32`` measures the recipe's own arithmetic (docs/method.md §3).
 
     python benchmarks/bench_train_step.py                              # GPU: large, bs 4, bf16
+    python benchmarks/bench_train_step.py --precision fp32             # GPU: the recipe's fp32
     python benchmarks/bench_train_step.py --preset tiny --size 128 --iters 3   # CPU smoke run
 
 Prints a table and writes JSON (benchmarks/out/train_step.json).
@@ -77,7 +81,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = autocast_dtype(args.precision, device)
     torch.manual_seed(0)
-    # adapters initialised with Kaiming (no 90 s of QR): the step costs the same
+    # Kaiming-initialised adapters skip the RRQR start-up; a step costs the same either way.
     model = build_model(
         args.preset, adapters=RecycleLoRAConfig(32, 4, init="kaiming"), img_size=args.size
     ).to(device)

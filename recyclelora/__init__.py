@@ -11,12 +11,14 @@ from .adapters import (
     save_adapters,
     unmerge_recyclelora,
 )
+from .checkpoints import LoadedModel, load_model
 from .models import build_model
 from .param_groups import RECIPE_RULES, Rule, build_param_groups
 
 __all__ = [
     "RECIPE_RULES",
     "AdaptationReport",
+    "LoadedModel",
     "RecycleLoRAConfig",
     "RecycleLoRALinear",
     "Rule",
@@ -25,6 +27,7 @@ __all__ = [
     "build_param_groups",
     "iter_adapted",
     "load_adapters",
+    "load_model",
     "merge_recyclelora",
     "save_adapters",
     "unmerge_recyclelora",

@@ -1,4 +1,4 @@
-"""AdamW parameter groups from a small declarative rule table (REFERENCE §3).
+"""AdamW parameter groups from a small declarative rule table (docs/method.md §3).
 
 Same semantics as the authors' mmengine ``paramwise_cfg``: a rule applies to every trainable
 parameter whose qualified name contains its key; keys are tried longest first (ties in

@@ -1,8 +1,10 @@
-"""Named training recipes (REFERENCE §3, paper Table 8) and command-line overrides.
+"""Named training recipes (docs/method.md §3, paper Table 8) and command-line overrides.
 
-A recipe is plain data: ``Recipe`` with nested ``data`` and ``train`` sections and the adapters'
-``RecycleLoRAConfig``. Every field can be overridden as ``--section.field value`` (tuples as
-comma-separated lists); the resolved recipe is printed and saved with the run.
+A recipe is plain data: ``Recipe`` with nested ``data``, ``train`` and ``eval`` sections and the
+adapters' ``RecycleLoRAConfig``. Every field can be overridden as ``--section.field value``
+(tuples as comma-separated lists); the resolved recipe is printed and saved with the run, and
+:func:`from_dict` rebuilds it from the dataclass fields themselves, so no section can be left out.
+Fields typed ``Literal[...]`` only take their listed values. Invalid values raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import argparse
 import json
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from .adapters import RecycleLoRAConfig
 
-CITYSCAPES_BDD_MAPILLARY = ("cityscapes", "bdd", "mapillary")
+DatasetName = Literal["gtav", "synthia", "urbansyn", "cityscapes", "bdd", "mapillary"]
+Precision = Literal["fp32", "bf16", "fp16"]
+CITYSCAPES_BDD_MAPILLARY: tuple[DatasetName, ...] = ("cityscapes", "bdd", "mapillary")
 # dataset name -> its folder under DataConfig.root (the folder names of Rein's configs)
-DATASET_DIRS = {
+DATASET_DIRS: dict[DatasetName, str] = {
     "gtav": "gta",
     "synthia": "synthia",
     "urbansyn": "urbansyn",
@@ -27,14 +31,32 @@ DATASET_DIRS = {
 }
 
 
+def _check_choices(section: Any) -> None:
+    """Raise ValueError for a ``Literal`` field (or tuple of them) holding another value."""
+    for name, kind in get_type_hints(type(section)).items():
+        value = getattr(section, name)
+        if get_origin(kind) is tuple:
+            kind, values = kind.__args__[0], value
+        else:
+            values = (value,)
+        if get_origin(kind) is Literal:
+            wrong = [v for v in values if v not in get_args(kind)]
+            if wrong:
+                choices = ", ".join(map(repr, get_args(kind)))
+                raise ValueError(f"{name} must be among {choices}, got {wrong[0]!r}")
+
+
 @dataclass
 class DataConfig:
     root: str = "data"  # holds one folder per dataset, named as in DATASET_DIRS
-    sources: tuple[str, ...] = ("gtav",)
-    targets: tuple[str, ...] = CITYSCAPES_BDD_MAPILLARY
+    sources: tuple[DatasetName, ...] = ("gtav",)
+    targets: tuple[DatasetName, ...] = CITYSCAPES_BDD_MAPILLARY
     gtav_subset: int = 12403  # fresh random subset of GTAV per pass (0 = all images)
     crop: int = 512
     workers: int = 4
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
 
 
 @dataclass
@@ -53,17 +75,23 @@ class TrainConfig:
     log_interval: int = 50
     # "fp32" as the authors (no autocast; PyTorch's default TF32 settings); "bf16" or "fp16"
     # autocast on a GPU for speed (docs/method.md §3). CPU runs fp32 whatever is asked.
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     deterministic: bool = False  # torch.use_deterministic_algorithms on a GPU (slower)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
 
 
 @dataclass
 class EvalConfig:
-    mode: str = "slide"  # REFERENCE §2 test mode ("slide" or "whole")
+    mode: Literal["slide", "whole"] = "slide"  # docs/method.md §2 test mode
     crop: int = 512
     stride: int = 341
-    precision: str = "fp32"  # validation during training and evaluate.py alike
+    precision: Precision = "fp32"  # validation during training and evaluate.py alike
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
 
 
 @dataclass
@@ -182,7 +210,7 @@ def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
         try:
             value = parse_value(kind, text)
         except ValueError as e:
-            raise SystemExit(f"--{key}: {e}") from None
+            raise ValueError(f"--{key}: {e}") from None
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
@@ -192,23 +220,51 @@ def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
 
 
 def from_dict(d: dict) -> Recipe:
-    """Inverse of ``to_dict``: rebuilds (and so re-validates) a recipe."""
+    """Inverse of ``to_dict``: rebuilds (and so re-validates) a recipe, section by section from
+    the dataclass fields. A field missing from ``d`` takes its default; an unknown one raises."""
     try:
-        return Recipe(
-            name=d["name"],
-            model=d["model"],
-            backbone_weights=d["backbone_weights"],
-            adapters=RecycleLoRAConfig.from_dict(d["adapters"]),
-            data=DataConfig(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in d["data"].items()}
-            ),
-            train=TrainConfig(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in d["train"].items()}
-            ),
-            work_dir=d["work_dir"],
-        )
+        return _build(Recipe, d, "")
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"invalid recipe: {e}") from None
+        raise ValueError(f"invalid recipe: {e}") from None
+
+
+def _build(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise TypeError(f"{prefix.rstrip('.') or 'a recipe'} must be a mapping, got {d!r}")
+    hints = get_type_hints(cls)
+    unknown = sorted(d.keys() - hints.keys())
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(prefix + k for k in unknown)}")
+    values = {}
+    for key, value in d.items():
+        kind = hints[key]
+        if is_dataclass(kind):
+            values[key] = _build(kind, value, f"{prefix}{key}.")
+        else:
+            values[key] = _leaf(kind, value, prefix + key)
+    try:
+        return cls(**values)
+    except ValueError as e:  # a section's own check: say which section
+        raise ValueError(f"{prefix}{e}") from None
+
+
+def _leaf(kind: Any, value: Any, key: str) -> Any:
+    """``value`` as a field of type ``kind`` (JSON lists become tuples), or TypeError."""
+    if get_origin(kind) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{key} must be a list, got {value!r}")
+        return tuple(_leaf(kind.__args__[0], v, key) for v in value)
+    if get_origin(kind) is Literal:
+        kind = type(get_args(kind)[0])  # the values themselves are checked by the section
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(kind, True)
+    if not ok:
+        raise TypeError(f"{key} must be {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Independent float64 reference of REFERENCE §1, written from the paper's eqs. 2-9.
+"""Independent float64 reference of docs/method.md §1, written from the paper's eqs. 2-9.
 
 Greedy column pivoting by explicit Gram-Schmidt (eq. 3: pick the column with the largest norm
 after projecting out the already chosen ones) — no LAPACK, no scipy.

@@ -1,5 +1,7 @@
 """apply / merge / unmerge / save / load / parameter groups on whole models."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,8 @@ from recyclelora import (
     save_adapters,
     unmerge_recyclelora,
 )
+from recyclelora.adapters.init import init_arithmetic
+from recyclelora.adapters.io import read_adapter_file
 
 from .tiny_transformer import TinyTransformer
 
@@ -166,6 +170,10 @@ def test_save_load_round_trip_bit_exact(tmp_path, cfg):
     fresh.load_state_dict(base.state_dict())
     loaded_cfg = load_adapters(fresh.blocks, path)
     assert loaded_cfg == cfg
+    # the header says how the initial factors were computed (QR dtype, BLAS threads, LAPACK)
+    arithmetic = json.loads(read_adapter_file(path)[0]["arithmetic"])
+    assert arithmetic == init_arithmetic(cfg)
+    assert arithmetic.get("qr_dtype") == ("float32" if cfg.init == "rrqr" else None)
     sd, sd2 = model.blocks.state_dict(), fresh.blocks.state_dict()
     assert sd.keys() == sd2.keys()
     for k in sd:

@@ -9,6 +9,7 @@ import torch
 from recyclelora import RecycleLoRAConfig, apply_recyclelora, save_adapters
 from recyclelora.analysis import load_source, summarise
 from recyclelora.analysis.cli import main as analyze
+from recyclelora.analysis.figures import phi_per_block_figure
 from recyclelora.analysis.metrics import (
     column_norm_stats,
     cosine_similarity_matrix,
@@ -136,3 +137,26 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "no RecycleLoRA adapter tensors" in capsys.readouterr().err
     assert analyze([str(tmp_path / "nope.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_blocks", [2, 24])
+def test_phi_figure_shows_near_zero_values(n_blocks):
+    """φ of RRQR adapters is ~1e-3: the bars must be visible, labelled, on integer blocks."""
+    pytest.importorskip("matplotlib")
+    values = np.random.default_rng(n_blocks).uniform(1e-4, 3e-3, n_blocks)
+    phi = {str(b): float(v) for b, v in enumerate(values)}
+    fig = phi_per_block_figure(phi)
+    try:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(b) for b in range(n_blocks)]
+        assert list(ax.get_xticks()) == list(range(n_blocks))
+        lo, hi = ax.get_ylim()
+        # The axis covers every bar, and the tallest bar fills more than half of it.
+        assert lo == 0 and values.max() < hi < 2 * values.max()
+        written = [float(t.get_text()) for t in ax.texts]
+        assert written == pytest.approx(list(values), rel=0.05)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

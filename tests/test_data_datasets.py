@@ -15,6 +15,7 @@ import torch
 
 from recyclelora.data import (
     BDD100K,
+    DATASETS,
     GTAV,
     Cityscapes,
     DataError,
@@ -449,3 +450,25 @@ def test_build_train_sampler_subsets_gtav_only(tmp_path):
     assert (idx < 6).sum() == 4 and sorted(idx[idx >= 6].tolist()) == [6, 7, 8]
     assert build_train_sampler(ts, 4, gtav_subset=0).pass_length == 9
     assert ts.locate(7) == (1, 1) and ts[(7, 5)]["source"] == "urbansyn"
+
+
+def test_layouts_describe_the_official_releases():
+    """The one place the layouts are spelled, against the releases' documented structure."""
+    from recyclelora.data.layouts import LAYOUTS
+
+    assert {n: layout.describe() for n, layout in LAYOUTS.items()} == {
+        "gtav": "images/NNNNN.png and labels/NNNNN.png",
+        "synthia": "RGB/NNNNNNN.png and GT/LABELS/NNNNNNN.png",
+        "urbansyn": "rgb/rgb_NNNN.png and ss/ss_NNNN.png",
+        "cityscapes": "leftImg8bit/{train,val}/CITY/*_leftImg8bit.png and "
+        "gtFine/{train,val}/CITY/*_gtFine_labelIds.png",
+        "bdd100k": "images/10k/{train,val}/X.jpg and labels/sem_seg/masks/{train,val}/X.png",
+        "mapillary": "config_v1.2.json, validation/images/X.jpg and validation/v1.2/labels/X.png",
+    }
+    assert set(LAYOUTS) == set(DATASETS) and all(DATASETS[n].layout is LAYOUTS[n] for n in LAYOUTS)
+    city = LAYOUTS["cityscapes"]
+    assert city.pairing("val", converted=True) == (
+        "leftImg8bit/val/CITY/X_leftImg8bit.png <-> gtFine/val/CITY/X_gtFine_labelTrainIds.png"
+    )
+    with pytest.raises(ValueError, match="read as they are"):
+        LAYOUTS["bdd100k"].label_files(Path("."), converted=True)

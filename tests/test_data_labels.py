@@ -1,4 +1,4 @@
-"""Label tables against independent tables written out here (REFERENCE §4)."""
+"""Label tables against independent tables written out here (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ CITYSCAPES_TRAIN_COLORS = [
     (119, 11, 32),
 ]
 
-# REFERENCE §4, SYNTHIA RAND_CITYSCAPES.
+# docs/method.md §4, SYNTHIA RAND_CITYSCAPES.
 SYNTHIA_TABLE = {
     3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9,
     1: 10, 10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
@@ -80,7 +80,7 @@ ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEG, TERRAIN = range(1
 SKY, PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTO, BIKE = range(10, 19)
 IGN = 255
 
-# The REFERENCE §4 rules applied by hand to every v1.2 label name.
+# The docs/method.md §4 rules applied by hand to every v1.2 label name.
 MAPILLARY_EXPECTED = {
     "Bird": IGN,
     "Ground Animal": IGN,

@@ -1,4 +1,4 @@
-"""Training augmentation and evaluation rescale against independent references (REFERENCE §3).
+"""Training augmentation and evaluation rescale against independent references (docs/method.md §3).
 
 The references re-implement the mmseg / mmcv steps directly as those libraries write them
 (BGR images, ``np.unique`` counts, float32 ``convert`` on the whole image, separate HSV round

@@ -2,7 +2,9 @@
 
 The references below use only explicit formulas: the Keys cubic kernel (a = -0.75, half-pixel
 centres, border clamping) and the linear kernel as interpolation matrices, LayerNorm, softmax
-attention, erf-GELU and LayerScale written out with tensor ops.
+attention, erf-GELU and LayerScale written out with tensor ops. The two position-embedding rules
+differ only in the sampling step of the kernel: N / g ("size") or N / (g + 0.1) ("authors", the
+scale factor of Meta's DINOv2 code, which PyTorch's kernel inverts).
 """
 
 from __future__ import annotations
@@ -83,11 +85,20 @@ def resize2d(x: torch.Tensor, mh: np.ndarray, mw: np.ndarray) -> torch.Tensor:
     return th @ x @ tw.T
 
 
-def ref_resize_pos(pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]):
-    """pos: (1, 1 + src_h*src_w, D) -> (1, 1 + dst_h*dst_w, D), bicubic by size."""
+def ref_resize_pos(
+    pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], rule: str = "size"
+) -> torch.Tensor:
+    """pos: (1, 1 + src_h*src_w, D) -> (1, 1 + dst_h*dst_w, D), bicubic.
+
+    ``rule="size"`` samples the source every n_in / n_out; ``"authors"`` every n_in / (n_out + 0.1).
+    """
     d = pos.shape[-1]
     grid = pos[0, 1:].reshape(src[0], src[1], d).permute(2, 0, 1)
-    grid = resize2d(grid, bicubic_matrix(src[0], dst[0]), bicubic_matrix(src[1], dst[1]))
+    mh, mw = (
+        bicubic_matrix(n_in, n_out, None if rule == "size" else n_in / (n_out + 0.1))
+        for n_in, n_out in zip(src, dst, strict=True)
+    )
+    grid = resize2d(grid, mh, mw)
     return torch.cat((pos[:, :1], grid.permute(1, 2, 0).reshape(1, -1, d)), dim=1)
 
 
@@ -97,10 +108,13 @@ def ref_layernorm(x, w, b, eps=1e-6):
     return (x - mu) / torch.sqrt(var + eps) * w + b
 
 
-def ref_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, out_indices=(0, 1, 2, 3)):
+def ref_forward(
+    sd: dict[str, torch.Tensor], x: torch.Tensor, out_indices=(0, 1, 2, 3), rule: str = "authors"
+):
     """Float64 forward of a *released-geometry* (patch 14, 5x5) state dict run at patch 16.
 
-    Converts the kernel and grid itself (bicubic matrices), then the runtime grid if needed.
+    Converts the kernel and grid itself (bicubic matrices, by size, as the checkpoint loader
+    does), then the runtime grid, if it differs, by ``rule``.
     """
     sd = {k: v.double() for k, v in sd.items()}
     x = x.double()
@@ -116,7 +130,7 @@ def ref_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, out_indices=(0, 1,
     tok = patches @ kernel.reshape(DIM, -1).T + sd["patch_embed.proj.bias"]
     pos = ref_resize_pos(sd["pos_embed"], (SRC_GRID, SRC_GRID), (GRID, GRID))
     if (gh, gw) != (GRID, GRID):
-        pos = ref_resize_pos(pos, (GRID, GRID), (gh, gw))
+        pos = ref_resize_pos(pos, (GRID, GRID), (gh, gw), rule)
     tok = torch.cat((sd["cls_token"].expand(b, 1, DIM), tok), dim=1) + pos
     hd = DIM // HEADS
     outs = []
@@ -306,10 +320,51 @@ def test_tiny_builds_runs_and_shapes():
         model(torch.randn(1, 3, 50, 64))
 
 
-def test_stored_grid_is_not_interpolated():
-    model = tiny16()
+@pytest.mark.parametrize("rule", ["authors", "size"])
+def test_stored_grid_is_not_interpolated(rule):
+    model = dinov2_tiny(img_size=IMG, patch_size=PATCH, pos_embed_resize=rule)
     assert model.interpolate_pos_embed(GRID, GRID) is model.pos_embed
     assert model.interpolate_pos_embed(3, 5).shape == (1, 1 + 15, DIM)
+    with torch.device("meta"):  # the paper's geometry: 512 crops at patch 16 keep the 32x32 grid
+        large = dinov2_vitl(img_size=512, patch_size=16)
+    assert large.pos_embed_resize == "authors"
+    assert large.interpolate_pos_embed(32, 32) is large.pos_embed
+
+
+# (grid_h, grid_w) of the runtime token grid: larger, smaller, one axis unchanged, non-square.
+RUNTIME_GRIDS = [(6, 6), (3, 3), (GRID, 7), (5, 2)]
+
+
+@pytest.mark.parametrize("grid", RUNTIME_GRIDS)
+def test_pos_embed_resize_rules_match_their_formulas(grid):
+    """Each rule against its explicit bicubic matrices in float64; the two rules disagree."""
+    got = {}
+    for rule in ("authors", "size"):
+        model = dinov2_tiny(img_size=IMG, patch_size=PATCH, pos_embed_resize=rule).double()
+        pos = model.pos_embed.detach().clone()
+        got[rule] = model.interpolate_pos_embed(*grid).detach()
+        ref = ref_resize_pos(pos, (GRID, GRID), grid, rule)
+        assert got[rule].shape == (1, 1 + grid[0] * grid[1], DIM)
+        assert rel_err(got[rule], ref) < 1e-12, rule
+        assert torch.equal(got[rule][:, 0], pos[:, 0])  # class position kept
+    # The authors' 0.1 offset moves every sample (even on an axis whose size is unchanged).
+    assert rel_err(got["authors"], got["size"]) > 1e-3
+
+
+def test_authors_rule_is_meta_interpolate_call():
+    """The authors' rule is one bicubic call with scale factors (g + 0.1) / N, not a size."""
+    model = dinov2_tiny(img_size=IMG, patch_size=PATCH).double()
+    grid = model.pos_embed.detach()[:, 1:].reshape(1, GRID, GRID, DIM).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(
+        grid, scale_factor=((9 + 0.1) / GRID, (2 + 0.1) / GRID), mode="bicubic", antialias=False
+    )
+    got = model.interpolate_pos_embed(9, 2).detach()[:, 1:]
+    assert torch.equal(got, expected.permute(0, 2, 3, 1).reshape(1, 18, DIM))
+
+
+def test_unknown_pos_embed_rule_is_refused():
+    with pytest.raises(ValueError, match="pos_embed_resize must be one of"):
+        dinov2_tiny(pos_embed_resize="bilinear")
 
 
 def test_linears_are_called_not_read():
@@ -394,13 +449,14 @@ def test_loaded_model_matches_float64_reference(fmt, state, meta_pth, hf_safeten
         assert rel_err(g, r) < 1e-5
 
 
-def test_non_square_input_interpolates_positions(state, meta_pth):
-    model = tiny16().eval()
+@pytest.mark.parametrize("rule", ["authors", "size"])
+def test_non_square_input_interpolates_positions(state, meta_pth, rule):
+    model = dinov2_tiny(img_size=IMG, patch_size=PATCH, pos_embed_resize=rule).eval()
     load_dinov2_weights(model, meta_pth)
     x = torch.randn(1, 3, 48, 80, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         got = model(x)
-    ref = ref_forward(state, x)
+    ref = ref_forward(state, x, rule=rule)
     assert [tuple(g.shape[-2:]) for g in got] == [(12, 20), (6, 10), (3, 5), (1, 2)]
     for g, r in zip(got, ref, strict=True):
         assert g.shape == r.shape

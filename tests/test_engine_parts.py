@@ -1,14 +1,21 @@
-"""Schedules against mmengine's recursive (chainable) formulas, the checkpoint store, recipes."""
+"""Schedules against mmengine's recursive (chainable) formulas, the checkpoint store, and the
+trainer's parts that need no training run: loss window, loss-scale resume, errors, determinism."""
 
-import argparse
 import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
-from recyclelora.engine.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from recyclelora.atomic import is_temporary
+from recyclelora.checkpoints import list_checkpoints, load_latest, save_checkpoint
+from recyclelora.engine import distributed
 from recyclelora.engine.schedules import RecipeSchedule
-from recyclelora.recipes import RECIPES, add_override_arguments, apply_overrides, from_dict, to_dict
+from recyclelora.engine.trainer import LOGGED, LossWindow, load_scaler_state, train
+from recyclelora.recipes import RECIPES
 
 
 def mmengine_style(base_lr: float, base_wd: float, total: int, steps: int) -> list[tuple]:
@@ -53,8 +60,12 @@ def test_checkpoints_rotate_and_survive_a_killed_write(tmp_path):
     for it in (4, 8, 12, 16):
         save_checkpoint({"iteration": it, "w": torch.full((3,), float(it))}, tmp_path, it, keep=3)
     assert [i for i, _ in list_checkpoints(tmp_path)] == [8, 12, 16]
-    # a run killed while writing iteration 20 leaves only a temp file: resume ignores it
-    (tmp_path / "iter_20.pth.tmp").write_bytes(b"PK\x03\x04 partial")
+    # a run killed while writing iteration 20 leaves only its temporary: resume ignores it
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a writer process that is gone
+    killed = tmp_path / f".iter_20.pth.{child.pid}.tmp"
+    assert is_temporary(killed)
+    killed.write_bytes(b"PK\x03\x04 partial")
     state, path = load_latest(tmp_path)
     assert state["iteration"] == 16 and path.name == "iter_16.pth"
     # a damaged final file (e.g. disk trouble) falls back to the previous complete one
@@ -66,47 +77,92 @@ def test_checkpoints_rotate_and_survive_a_killed_write(tmp_path):
     assert load_latest(tmp_path / "nothing") is None
 
 
-def test_recipes_match_table_8():
-    s, r = RECIPES["syn2real"], RECIPES["real2real"]
-    assert (s.adapters.main_rank, s.adapters.sub_rank, r.adapters.sub_rank) == (32, 4, 2)
-    assert s.data.sources == ("gtav",) and s.data.targets == ("cityscapes", "bdd", "mapillary")
-    assert r.data.sources == ("cityscapes",) and r.data.targets == ("bdd", "mapillary")
-    for rec in (s, r):
-        t = rec.train
-        assert (t.iterations, t.batch_size, t.lr, t.weight_decay) == (40_000, 4, 1e-4, 0.05)
-        assert (t.val_interval, t.ckpt_interval, t.keep_checkpoints) == (4000, 4000, 3)
-    assert RECIPES["gsu2cbm"].data.sources == ("gtav", "synthia", "urbansyn")
-    assert RECIPES["syn2real_main_only"].adapters.sub_rank == 0
-    assert RECIPES["syn2real_kaiming"].adapters.init == "kaiming"
-    assert len({rec.work_dir for rec in RECIPES.values()}) == len(RECIPES)
+def window_of(totals: list[float], start: int) -> LossWindow:
+    window = LossWindow(start)
+    for i, total in enumerate(totals):
+        losses = {k: torch.tensor(total if k == "loss" else 0.5) for k in LOGGED}
+        window.add(losses, [f"img_{start + i}_a.png", f"img_{start + i}_b.png"])
+    return window
 
 
-def test_overrides_and_round_trip():
-    base = RECIPES["syn2real"]
-    parser = argparse.ArgumentParser()
-    add_override_arguments(parser, base)
-    args = parser.parse_args(
-        [
-            "--train.lr",
-            "2e-4",
-            "--adapters.sub_rank",
-            "2",
-            "--data.targets",
-            "bdd",
-            "--adapters.init",
-            "svd",
-        ]
+@pytest.mark.parametrize(
+    "totals",
+    [[1.0, 2.0, 3.0], [1.0, math.nan, 2.0, math.inf], [math.inf, math.nan], [2.0, 1.0, -math.inf]],
+)
+def test_loss_window_finds_the_first_non_finite_iteration(totals):
+    window = window_of(totals, start=40)
+    first = next((i for i, v in enumerate(totals) if not math.isfinite(v)), len(totals))
+    assert int(window.first_non_finite()) == 40 + first
+    if first == len(totals):
+        assert window.means()["loss"] == pytest.approx(sum(totals) / len(totals))
+        assert window.means()["loss_dice"] == pytest.approx(0.5)
+    else:
+        assert window.paths[first] == [f"img_{40 + first}_a.png", f"img_{40 + first}_b.png"]
+
+
+def test_resuming_across_precisions_keeps_or_drops_the_loss_scale():
+    """An fp16 run has a loss scale, a bf16 / fp32 run an empty scaler state."""
+    fp16 = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7, enabled=True)
+    saved_fp16 = fp16.state_dict()
+    saved_other = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert saved_other == {} and saved_fp16["scale"] == 1024.0
+
+    # fp16 resuming a bf16 / fp32 run: torch's own load refuses the empty state
+    with pytest.raises(RuntimeError, match="empty"):
+        torch.amp.GradScaler("cpu", enabled=True).load_state_dict(saved_other)
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    assert "starts from its initial value" in load_scaler_state(fresh, saved_other)
+    assert fresh.state_dict() == torch.amp.GradScaler("cpu", enabled=True).state_dict()
+
+    # bf16 / fp32 resuming an fp16 run: the scale is dropped, the scaler stays off
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    assert "not used" in load_scaler_state(off, saved_fp16)
+    assert not off.is_enabled() and off.state_dict() == {}
+
+    # same precision: the state is restored as saved
+    again = torch.amp.GradScaler("cpu", enabled=True)
+    assert load_scaler_state(again, saved_fp16) is None
+    assert again.state_dict() == saved_fp16
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_raises_value_error(tmp_path):
+    recipe = replace(RECIPES["syn2real"], work_dir=str(tmp_path))
+    ctx = distributed.Context(rank=0, world_size=3)
+    with pytest.raises(ValueError, match="batch of 4 does not split over 3.*multiple of 3"):
+        train(recipe, ctx, train_set=None, targets={})
+
+
+def test_cuda_asked_for_without_cuda_raises_runtime_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="--device cuda .* no CUDA device"):
+        distributed.init("cuda")
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
     )
-    r = apply_overrides(base, args)
-    assert (r.train.lr, r.adapters.sub_rank, r.data.targets, r.adapters.init) == (
-        2e-4,
-        2,
-        ("bdd",),
-        "svd",
-    )
-    assert base.train.lr == 1e-4  # the preset itself is untouched
-    assert from_dict(to_dict(r)) == r
-    with pytest.raises(SystemExit, match="init"):
-        apply_overrides(base, parser.parse_args(["--adapters.init", "pissa"]))
-    with pytest.raises(SystemExit, match="iterations"):
-        apply_overrides(base, parser.parse_args(["--train.iterations", "many"]))
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_deterministic_mode_sets_cublas_workspace_before_cuda(restore_determinism, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ctx = distributed.init("cpu", deterministic=True)
+    assert ctx.world_size == 1
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # a value cuBLAS documents
+    assert torch.are_deterministic_algorithms_enabled()
+    # grid_sample / bilinear interpolate backward have no deterministic CUDA kernel: warn only
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
+
+    # too late once CUDA is initialised without the variable: cuBLAS would not be deterministic
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="before CUDA initialises"):
+        distributed.use_deterministic_algorithms()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # set by the user: respected
+    distributed.use_deterministic_algorithms()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -1,9 +1,10 @@
-"""training/prepare_data.py on fake releases: outputs, resumability, killed runs, wrong roots."""
+"""Dataset conversion (recyclelora-prepare, training/prepare_data.py) on fake releases: outputs,
+resumability, killed runs, wrong roots."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,24 +12,15 @@ import cv2
 import numpy as np
 import pytest
 
-from recyclelora.data import GTAV, Cityscapes, Mapillary, Synthia, read_image, read_label
+from recyclelora.cli.prepare import main
+from recyclelora.data import GTAV, Cityscapes, DataError, Mapillary, Synthia, read_image, read_label
+from recyclelora.data.convert import LayoutError, convert, halve_image
 from recyclelora.data.imageio import is_complete
 
 from . import fake_datasets as F
 from .test_data_labels import CITYSCAPES_ID_TO_TRAIN, MAPILLARY_EXPECTED, SYNTHIA_TABLE
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training" / "prepare_data.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_data", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["prepare_data"] = mod  # so Pool workers can unpickle its functions
-    spec.loader.exec_module(mod)
-    return mod
-
-
-P = _load_script()
 DEAD_PID = 4194304 + 4242  # above Linux's largest pid_max: never a live process
 
 
@@ -40,12 +32,12 @@ def _map(raw, table):
 
 
 def _run(*argv):
-    return P.main([*argv, "--no-progress"])
+    return main([*argv, "--no-progress"])
 
 
 def test_help_explains_every_dataset(capsys):
     with pytest.raises(SystemExit) as e:
-        P.main(["--help"])
+        main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     for word in ("cityscapes ROOT", "gtav ROOT", "synthia ROOT", "urbansyn ROOT", "mapillary ROOT"):
@@ -149,7 +141,7 @@ def test_halve_image_close_to_pillow_bicubic():
     y, x = np.mgrid[0:61, 0:90]
     img = np.stack([128 + 90 * np.sin(x / (4 + c) + y / 7) for c in range(3)], -1)
     img = np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
-    ours = P.halve_image(img)
+    ours = halve_image(img)
     ref = np.asarray(Image.fromarray(img).resize((45, 30), resample=Image.BICUBIC))
     assert ours.shape == ref.shape == (30, 45, 3)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
@@ -179,16 +171,32 @@ def test_wrong_root_says_what_was_expected(tmp_path, capsys, dataset, expected):
     assert "does not look like" in err and expected in err and "something_else/" in err
 
 
-def test_script_runs_as_a_program(tmp_path):
-    import subprocess
+def test_library_raises_and_only_the_command_exits(tmp_path, capsys):
+    """convert() raises an exception (a DataError, not SystemExit); main() turns it into 2."""
+    (tmp_path / "something_else").mkdir()
+    with pytest.raises(LayoutError, match="does not look like the GTAV release") as e:
+        convert("gtav", tmp_path)
+    assert isinstance(e.value, DataError) and not isinstance(e.value, SystemExit)
+    assert e.value.path == str(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    with pytest.raises(LayoutError, match="no label files found"):
+        convert("gtav", tmp_path)
+    with pytest.raises(ValueError, match="nothing to convert for 'bdd100k'"):
+        convert("bdd100k", tmp_path)
+    assert _run("gtav", str(tmp_path)) == 2
+    assert capsys.readouterr().err.startswith("error: no label files found")
 
+
+def test_script_runs_as_a_program(tmp_path):
+    """The README's command: the thin wrapper, run from another folder."""
     rel = F.make_gtav(tmp_path / "gtav", n=1)
-    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
     r = subprocess.run(
         [sys.executable, str(SCRIPT), "gtav", str(rel.root), "--no-progress"],
         capture_output=True,
         text=True,
-        env=env,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])},
         timeout=120,
     )
     assert r.returncode == 0, r.stderr

@@ -32,7 +32,7 @@ HEAD_PARAMS = 20_565_204  # tests/test_head.py derives it by hand
 )
 def test_large_preset_parameter_budget(adapters, adapter_params):
     model = build_model("dinov2_large_mask2former", adapters=adapters, device="meta")
-    assert adapter_params == (adapters.main_rank + adapters.sub_rank) * 393_216  # REFERENCE §1
+    assert adapter_params == (adapters.main_rank + adapters.sub_rank) * 393_216  # docs/method.md §1
     bb = list(model.backbone.parameters())
     trainable = sum(p.numel() for p in bb if p.requires_grad)
     assert trainable == adapter_params

@@ -17,11 +17,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from recyclelora.data import EvalTransform, TrainSet
+from recyclelora.adapters import layer as adapter_layer
+from recyclelora.adapters.init import QR_BLAS_THREADS
+from recyclelora.data import EvalTransform, TrainSet, build_loader, build_train_sampler
 from recyclelora.data.datasets import GTAV, Cityscapes
 from recyclelora.data.synthetic import write_demo_datasets
 from recyclelora.data.transforms import TrainTransform
-from recyclelora.engine import distributed
+from recyclelora.engine import distributed, trainer
 from recyclelora.engine.trainer import NonFiniteLoss, train
 from recyclelora.models import Segmentor
 from recyclelora.recipes import RECIPES, DataConfig, EvalConfig, TrainConfig
@@ -95,6 +97,10 @@ def test_resume_is_bit_exact_and_survives_a_killed_write(tmp_path, demo_data):
     assert (tmp_path / "full" / "adapters.safetensors").is_file()
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((tmp_path / "full" / "recipe.json").read_text())["model"] == "tiny"
+    saved = torch.load(tmp_path / "full" / "checkpoints" / "iter_6.pth", weights_only=True)
+    init = saved["adapter_init"]  # the arithmetic that produced the initial factors
+    expected = ("rrqr", full.adapters.qr_dtype, QR_BLAS_THREADS, torch.__version__)
+    assert (init["init"], init["qr_dtype"], init["qr_blas_threads"], init["torch"]) == expected
 
     part = tiny_recipe(tmp_path / "part")
     stopped = train(part, ctx, *datasets(demo_data), stop_at=3)
@@ -116,6 +122,7 @@ def test_resume_is_bit_exact_and_survives_a_killed_write(tmp_path, demo_data):
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, demo_data, monkeypatch):
+    """log_interval 1: the check runs after every iteration, so the bad one is the last."""
     real_loss = Segmentor.loss
     calls = {"n": 0}
 
@@ -132,6 +139,50 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, demo_data, monkeyp
     assert (tmp_path / "checkpoints" / "iter_2.pth").is_file()
 
 
+def batch_paths(recipe, train_set, n: int) -> list[list[str]]:
+    """The files of the first ``n`` batches, read here from a loader of their own."""
+    t = recipe.train
+    sampler = build_train_sampler(
+        train_set, t.batch_size, seed=t.seed, gtav_subset=recipe.data.gtav_subset
+    )
+    batches = iter(build_loader(train_set, sampler, num_workers=0))
+    return [next(batches)["path"] for _ in range(n)]
+
+
+@pytest.mark.parametrize("corrupts_parameters", [False, True])
+def test_non_finite_loss_is_found_at_the_next_check(
+    tmp_path, demo_data, monkeypatch, corrupts_parameters
+):
+    """log_interval 4, ckpt_interval 2: checks after iterations 2 and 4 only. Iteration 3's loss
+    is NaN; the check before the iteration-4 checkpoint names iteration 3 and its files (not
+    iteration 4's), and iteration 4 is never saved. ``loss + nan`` keeps the gradients finite, so
+    iteration 4 runs; ``loss * nan`` makes the parameters NaN, so iteration 4's matching meets
+    non-finite predictions and the check runs right then."""
+    real_loss = Segmentor.loss
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        out = real_loss(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            nan = torch.tensor(float("nan"))
+            out["loss"] = out["loss"] * nan if corrupts_parameters else out["loss"] + nan
+        return out
+
+    recipe = replace(
+        tiny_recipe(tmp_path), train=replace(tiny_recipe(tmp_path).train, log_interval=4)
+    )
+    train_set, targets = datasets(demo_data)
+    third, fourth = batch_paths(recipe, train_set, 4)[2:]
+    assert third != fourth
+    monkeypatch.setattr(Segmentor, "loss", flaky)
+    with pytest.raises(NonFiniteLoss, match=r"iteration 3 \(loss nan.*iter_2\.pth") as e:
+        train(recipe, distributed.Context(), train_set, targets)
+    assert str(e.value).endswith(", ".join(third))
+    assert calls["n"] == (3 if corrupts_parameters else 4)  # NaN parameters: matching raised
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_2.pth"]
+
+
 # AdamW divides by sqrt(v) + eps: with the recipe's eps 1e-8, float rounding noise in gradients
 # that are mathematically 0 (e.g. attention key biases: softmax ignores them) becomes lr-sized
 # updates that differ between any two summation orders. eps 1e-4 leaves real gradients (~1e-3)
@@ -145,9 +196,19 @@ def ddp_worker(rank: int, port: int, work: str, roots: dict) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
     )
     torch.set_num_threads(1)
+    decompositions = []
+    real = adapter_layer.initial_factors
+
+    def counted(*args, **kwargs):
+        decompositions.append(1)
+        return real(*args, **kwargs)
+
+    adapter_layer.initial_factors = counted  # this process only
     ctx = distributed.init("cpu")
     try:
-        train(tiny_recipe(Path(work), iterations=4, eps=DDP_EPS), ctx, *datasets(roots))
+        result = train(tiny_recipe(Path(work), iterations=4, eps=DDP_EPS), ctx, *datasets(roots))
+        state = {"decompositions": len(decompositions), "model": result.model.state_dict()}
+        torch.save(state, Path(work) / f"rank{rank}.pth")
     finally:
         distributed.shutdown()
 
@@ -170,6 +231,82 @@ def test_ddp_two_processes_match_one(tmp_path, demo_data):
     assert_same(a, b, atol=0.01 * lr * iters)
     trained = [k for k in a if "lora_main_A" in k]
     assert trained and any(not torch.equal(a[k], a[k.replace("_A", "_A0")]) for k in trained)
+    # only rank 0 decomposed (16 adapted layers); rank 1 holds exactly its tensors, buffers too
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
+    assert [r["decompositions"] for r in ranks] == [16, 0]
+    assert_same(ranks[1]["model"], a)
+    assert any(k.endswith("lora_sub_B0") for k in ranks[1]["model"])
+
+
+class Probe(torch.nn.Module):
+    """A parameter and a constant buffer, both different on every rank before DDP."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((3,), float(rank)))
+        self.register_buffer("c", torch.full((3,), 10.0 + rank))
+
+    def forward(self, x):
+        return x * self.w + self.c
+
+
+class DDPBefore213(torch.nn.parallel.DistributedDataParallel):
+    """DDP's signature before torch 2.13 (no ``forward_sync_buffers``)."""
+
+    def __init__(self, module, device_ids=None, broadcast_buffers=True):
+        super().__init__(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+
+
+def wrap_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
+    )
+    ctx = distributed.init("cpu")
+    seen = []
+    try:
+        for ddp_class in (torch.nn.parallel.DistributedDataParallel, DDPBefore213):
+            distributed.DistributedDataParallel = ddp_class  # this process only
+            probe = Probe(rank)
+            ddp = distributed.wrap_ddp(probe, ctx)
+            at_start = (probe.w.detach().clone(), probe.c.clone())
+            probe.c += rank  # a forward must not re-broadcast buffers: rank 1's change stays
+            ddp(torch.ones(3)).sum().backward()
+            seen.append((*at_start, probe.c.clone()))
+        torch.save(seen, Path(out) / f"rank{rank}.pth")
+    finally:
+        distributed.shutdown()
+
+
+def test_ddp_syncs_buffers_once_at_construction_on_every_torch(tmp_path):
+    """Both DDP signatures: rank 0's parameters and buffers at construction, no buffer traffic
+    in forward (the adapters' initial factors are constants)."""
+    mp.spawn(wrap_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
+    for rank, seen in enumerate(ranks):
+        for w, c, after_forward in seen:
+            assert torch.equal(w, torch.zeros(3)) and torch.equal(c, torch.full((3,), 10.0))
+            assert torch.equal(after_forward, torch.full((3,), 10.0 + rank))
+
+
+def test_validation_uses_the_eval_precision(tmp_path, demo_data, monkeypatch):
+    """Validation runs under recipe.eval.precision, whatever the training precision; the CPU
+    has no autocast, so precisions map to dtypes here as on CUDA."""
+    as_on_cuda = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    monkeypatch.setattr(trainer, "autocast_dtype", lambda precision, device: as_on_cuda[precision])
+    seen = []
+    real_evaluate = trainer.evaluate
+
+    def spy(*args, autocast_dtype=None, **kwargs):
+        seen.append(autocast_dtype)
+        return real_evaluate(*args, **kwargs)  # the CPU evaluates in fp32
+
+    monkeypatch.setattr(trainer, "evaluate", spy)
+    recipe = tiny_recipe(tmp_path, iterations=1)
+    recipe = replace(recipe, eval=replace(recipe.eval, precision="bf16"))
+    logs: list[str] = []
+    train(recipe, distributed.Context(), *datasets(demo_data), on_log=logs.append)
+    assert seen == [torch.bfloat16]
+    assert "training fp32, validation bf16 autocast; TF32 left at PyTorch's defaults" in logs[0]
 
 
 def run_cli(cwd: Path, *args: str, wait: bool = True, env_extra: dict | None = None):
@@ -201,7 +338,9 @@ def test_sigterm_and_sigkill_then_resume_match_an_uninterrupted_run(tmp_path):
 
     proc = run_cli(tmp_path / "b", *args, wait=False)
     wait_for(ckpts / "iter_2.pth", proc)
-    proc.send_signal(signal.SIGTERM)  # a scheduler ending the job: checkpoint, clean exit
+    # a scheduler ending the job: checkpoint, clean exit. The request is read at the next check
+    # (every log_interval iterations and before each checkpoint: here every 2 iterations)
+    proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0 and "stopped at iteration" in out, out[-2000:]
 
@@ -219,7 +358,7 @@ def test_sigterm_and_sigkill_then_resume_match_an_uninterrupted_run(tmp_path):
 
 
 def test_dry_run_counts_without_allocating(capsys):
-    from training_cli import main
+    from recyclelora.cli.train import main
 
     assert main(["syn2real", "--dry-run"]) == 0
     assert "trainable adapter parameters 14,155,776 (14.16M)" in capsys.readouterr().out
@@ -228,7 +367,7 @@ def test_dry_run_counts_without_allocating(capsys):
 
 
 def test_missing_data_and_weights_say_what_to_do(tmp_path, capsys):
-    from training_cli import main
+    from recyclelora.cli.train import main
 
     code = main(
         ["syn2real", "--data.root", str(tmp_path), "--backbone_weights", str(tmp_path / "w.pth")]
@@ -260,11 +399,11 @@ def test_evaluate_cli_matches_an_independent_computation(tmp_path, demo_data, ca
     """metrics.json of evaluate.py vs. predictions and IoU recomputed here with numpy."""
     import cv2
     import numpy as np
-    import prepare_data
-    from training_evaluate import main as evaluate_main
 
+    from recyclelora.checkpoints import load_trained_model
+    from recyclelora.cli import prepare as prepare_data
+    from recyclelora.cli.evaluate import main as evaluate_main
     from recyclelora.data.labels import cityscapes_lut
-    from recyclelora.engine.checkpoint import load_trained_model
 
     train(tiny_recipe(tmp_path / "run", iterations=2), distributed.Context(), *datasets(demo_data))
     root = demo_data["cityscapes"].parent
@@ -306,7 +445,7 @@ def test_evaluate_cli_matches_an_independent_computation(tmp_path, demo_data, ca
     assert "| cityscapes |" in capsys.readouterr().out
 
     assert evaluate_main(["--checkpoint", str(tmp_path / "nope.pth")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert str(tmp_path / "nope.pth") in capsys.readouterr().err  # names the missing file
     assert (
         evaluate_main([*args[:2], "--data-root", str(tmp_path / "void"), "--targets", "bdd"]) == 2
     )

@@ -10,7 +10,7 @@ InitKind = Literal["rrqr", "svd", "kaiming"]
 
 @dataclass(frozen=True)
 class RecycleLoRAConfig:
-    """Dual-adapter settings (REFERENCE §1).
+    """Dual-adapter settings (docs/method.md §1).
 
     main_rank: rank of the main adapter, initialised from the minor RRQR directions.
     sub_rank: rank of the sub adapter, initialised from the major RRQR directions.
@@ -19,8 +19,11 @@ class RecycleLoRAConfig:
         "kaiming" (standard LoRA: Kaiming-uniform A, zero B) — the ablations of Tables 3 and 12.
     target_modules: an ``nn.Linear`` is adapted when the last component of its qualified name is
         one of these (DINOv2: ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``).
-    qr_dtype: precision of the decomposition. float64 reproduces the reference pivots; float32
-        is about 3x faster but may reorder near-tied trailing pivots.
+    qr_dtype: precision of RRQR's pivoted QR. "float32" (LAPACK sgeqp3, one BLAS thread) is the
+        authors' arithmetic and selects their pivots. "float64" (dgeqp3, about 2x slower) may
+        select other trailing pivots, i.e. other main-adapter columns: near-tied trailing
+        pivots follow rounding (and BLAS threads). The output at initialisation is unchanged
+        either way.
     """
 
     main_rank: int = 32
@@ -28,7 +31,7 @@ class RecycleLoRAConfig:
     alpha: float = 1.0
     init: InitKind = "rrqr"
     target_modules: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
-    qr_dtype: Literal["float64", "float32"] = "float64"
+    qr_dtype: Literal["float32", "float64"] = "float32"
 
     def __post_init__(self) -> None:
         if self.main_rank < 0 or self.sub_rank < 0:
@@ -37,8 +40,8 @@ class RecycleLoRAConfig:
             raise ValueError("main_rank + sub_rank must be > 0: there would be nothing to train")
         if self.init not in ("rrqr", "svd", "kaiming"):
             raise ValueError(f"init must be 'rrqr', 'svd' or 'kaiming', got {self.init!r}")
-        if self.qr_dtype not in ("float64", "float32"):
-            raise ValueError(f"qr_dtype must be 'float64' or 'float32', got {self.qr_dtype!r}")
+        if self.qr_dtype not in ("float32", "float64"):
+            raise ValueError(f"qr_dtype must be 'float32' or 'float64', got {self.qr_dtype!r}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     @property

@@ -14,6 +14,7 @@ import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
+from .config import RecycleLoRAConfig
 from .names import one_hot_rows
 
 Factors = tuple[torch.Tensor, torch.Tensor] | None
@@ -21,6 +22,24 @@ Factors = tuple[torch.Tensor, torch.Tensor] | None
 # count is part of the arithmetic (recorded in adapter files and checkpoints); one thread is
 # also the fastest here (geqp3 is memory-bound).
 QR_BLAS_THREADS = 1
+
+
+def init_arithmetic(config: RecycleLoRAConfig) -> dict:
+    """What decides the initial factors' bits beyond the weights, for files and checkpoints.
+
+    RRQR's trailing pivots (the main adapter's columns) move with rounding: the QR's dtype,
+    the LAPACK routine and its BLAS thread count are part of the result (docs/method.md §1.6).
+    """
+    out: dict = {"init": config.init, "torch": str(torch.__version__)}
+    if config.init == "rrqr":
+        geqp3 = scipy.linalg.get_lapack_funcs("geqp3", dtype=np.dtype(config.qr_dtype))
+        out |= {
+            "qr_dtype": config.qr_dtype,
+            "qr_blas_threads": QR_BLAS_THREADS,
+            "lapack_routine": f"{geqp3.typecode}geqp3",
+            "scipy": scipy.__version__,
+        }
+    return out
 
 
 def check_ranks(shape: tuple[int, int], main_rank: int, sub_rank: int) -> None:
@@ -35,18 +54,19 @@ def check_ranks(shape: tuple[int, int], main_rank: int, sub_rank: int) -> None:
 
 
 def rrqr_factors(
-    weight: torch.Tensor, main_rank: int, sub_rank: int, qr_dtype: str = "float64"
+    weight: torch.Tensor, main_rank: int, sub_rank: int, qr_dtype: str = RecycleLoRAConfig.qr_dtype
 ) -> tuple[Factors, Factors]:
-    """REFERENCE §1 steps 1-3 with a single column-pivoted QR (LAPACK geqp3) for both adapters.
+    """docs/method.md §1 steps 1-3 with a single column-pivoted QR (LAPACK geqp3) for both adapters.
 
     ``W0[:, P] = Q R`` with m = min(d, k): the main adapter takes the minor directions
     ``Q[:, m-r:m]`` with one-hot A rows at ``P[m-r:m]``; the sub adapter the major ``Q[:, :r]``
     with one-hot rows at ``P[:r]``. PyTorch has no pivoted QR (nor has cuSOLVER), so this runs on
-    the CPU whatever the layer's device.
+    the CPU whatever the layer's device. ``qr_dtype`` is the precision LAPACK runs in: float32
+    (sgeqp3, the authors' arithmetic) or float64 (dgeqp3).
     """
     d, k = weight.shape
     check_ranks((d, k), main_rank, sub_rank)
-    w = weight.detach().to("cpu", torch.float64).numpy().astype(qr_dtype, copy=False)
+    w = weight.detach().to("cpu", getattr(torch, qr_dtype)).numpy()
     # geqp3 is memory-bound: extra BLAS threads gain little, and right after a torch op they
     # fight torch's spinning OpenMP workers (measured here: 0.7 s single-threaded vs up to 18 s).
     with threadpool_limits(QR_BLAS_THREADS, user_api="blas"):
@@ -100,7 +120,7 @@ def initial_factors(
     sub_rank: int,
     init: str,
     scaling: float,
-    qr_dtype: str = "float64",
+    qr_dtype: str = RecycleLoRAConfig.qr_dtype,
     generator: torch.Generator | None = None,
 ) -> tuple[Factors, Factors]:
     if init == "rrqr":

@@ -3,7 +3,8 @@
 The file holds, per adapted layer, the trained ``lora_*_A``/``lora_*_B`` and the initial factors
 that define its residual. RRQR's one-hot ``A0`` is stored as its column indices
 (``names.compress_one_hot``), which keeps the file at about (adapter size + B0 size) instead of
-twice the adapter size.
+twice the adapter size. The header holds the config, the layer shapes and the arithmetic of the
+initialisation (``init.init_arithmetic``: QR dtype, BLAS threads, LAPACK routine).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..atomic import write_bytes
 from .config import RecycleLoRAConfig
+from .init import init_arithmetic
 from .layer import RecycleLoRALinear
 from .model import (
     CONFIG_ATTR,
@@ -55,6 +57,7 @@ def save_adapters(model: nn.Module, path: str | Path, metadata: dict | None = No
     header = {
         "format": FORMAT,
         "config": json.dumps(config.to_dict()),
+        "arithmetic": json.dumps(init_arithmetic(config)),
         "layers": json.dumps(layers),
         "user": json.dumps(metadata or {}),
     }

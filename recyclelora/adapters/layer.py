@@ -10,9 +10,35 @@ from .config import RecycleLoRAConfig
 from .init import Factors, initial_factors
 from .names import ADAPTERS, tensor_name
 
+UNMERGE_TO_TRAIN = (
+    "backward through a merged RecycleLoRALinear: its merged weight is an inference cache that "
+    "gradients cannot flow through to the adapters. Unmerge before training: "
+    "unmerge_recyclelora(model), or layer.unmerge() on one layer"
+)
+
+
+class _RefuseBackward(torch.autograd.Function):
+    """Passes the merged weight through; fails the backward pass, which would otherwise leave
+    the adapters silently without gradients. The sources are inputs only to be seen by autograd."""
+
+    @staticmethod
+    def forward(ctx, merged: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        return merged.view_as(merged)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> None:
+        raise RuntimeError(UNMERGE_TO_TRAIN)
+
+
+def _fingerprint(tensors: list[torch.Tensor]) -> tuple:
+    """What changes when a tensor is replaced or converted (``.to()``: new storage) or updated in
+    place (an optimizer step or ``load_state_dict`` bumps ``_version``); writes through ``.data``
+    do not."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
 
 class RecycleLoRALinear(nn.Module):
-    """``y = x W_res^T + b + s (x A_main^T B_main^T + x A_sub^T B_sub^T)`` (REFERENCE §1 eq. 6).
+    """``y = x W_res^T + b + s (x A_main^T B_main^T + x A_sub^T B_sub^T)`` (docs/method.md §1.3).
 
     Parameters (state_dict keys): ``weight`` (d, k) the frozen residual, ``bias`` (d,) frozen,
     ``lora_{main,sub}_A`` (r, k) and ``lora_{main,sub}_B`` (d, r) trainable. The buffers
@@ -20,8 +46,13 @@ class RecycleLoRALinear(nn.Module):
     (``W_res = W0 - s Σ B0 A0``), so adapters can be re-attached to a fresh base model, and the
     analysis tools can tell which input columns RRQR selected. An adapter of rank 0 has no tensors.
 
-    ``merge()`` caches ``W_res + s Σ B A`` and the forward becomes a single linear: the training
-    tensors are untouched, so ``unmerge()`` restores the training state bit-exactly.
+    The forward runs both adapters as one rank-(r_main + r_sub) branch (their factors
+    concatenated); the parameters stay separate, as they train at different learning rates.
+
+    ``merge()`` switches to a single linear with the cached ``W_res + s Σ B A``. The cache is
+    rebuilt on the next forward whenever a tensor it was summed from has changed, and a backward
+    pass through it raises (unmerge to train). The training tensors are untouched, so
+    ``unmerge()`` restores the training state bit-exactly.
     """
 
     def __init__(
@@ -54,7 +85,9 @@ class RecycleLoRALinear(nn.Module):
                 self.register_buffer(
                     tensor_name(name, part, initial=True), torch.empty(shape, **kw)
                 )
+        self._merged = False
         self.register_buffer("merged_weight", None, persistent=False)
+        self._merged_from: tuple | None = None  # _fingerprint of merged_weight's sources
 
     @classmethod
     def from_linear(
@@ -134,16 +167,43 @@ class RecycleLoRALinear(nn.Module):
         """``s Σ B A`` (d, k): what the adapters add to the residual."""
         return self.scaling * sum(b.to(dtype) @ a.to(dtype) for _, b, a in self.adapter_pairs())
 
+    def stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B (d, r_main + r_sub), A (r_main + r_sub, k))``: both adapters as one pair, since
+        ``B_main A_main + B_sub A_sub = [B_main B_sub] [A_main; A_sub]``."""
+        pairs = self.adapter_pairs()
+        if len(pairs) == 1:
+            return pairs[0][1], pairs[0][2]
+        return torch.cat([b for _, b, _ in pairs], dim=1), torch.cat([a for _, _, a in pairs])
+
     @torch.no_grad()
     def merged(self) -> torch.Tensor:
         """``W_res + s Σ B A`` in the layer's dtype, summed in float64."""
         return (self.weight.double() + self.delta_weight()).to(self.weight.dtype)
 
     def merge(self) -> None:
-        self.merged_weight = self.merged()
+        """Serve the merged weight from now on. It is always rebuilt here: the way to refresh it
+        after writes that its staleness check cannot see (through ``.data``)."""
+        self._merged = True
+        self.merged_weight = None
+        self._refresh_merged_weight()
 
     def unmerge(self) -> None:
+        self._merged = False
         self.merged_weight = None
+
+    def _refresh_merged_weight(self) -> list[torch.Tensor]:
+        """Rebuild ``merged_weight`` if a tensor it is summed from changed; returns those."""
+        sources = [self.weight] + [t for _, b, a in self.adapter_pairs() for t in (b, a)]
+        fingerprint = _fingerprint(sources)
+        if self.merged_weight is None or self._merged_from != fingerprint:
+            self.merged_weight = self.merged()
+            self._merged_from = fingerprint
+        return sources
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        # the cached merged weight is about to be stale: free it now, rebuild on the next forward
+        self.merged_weight = None
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @torch.no_grad()
     def set_initial_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -187,7 +247,7 @@ class RecycleLoRALinear(nn.Module):
 
     @property
     def is_merged(self) -> bool:
-        return self.merged_weight is not None
+        return self._merged
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the merged weight: the base layer's shapes and keys."""
@@ -202,12 +262,11 @@ class RecycleLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., k) -> (..., d)."""
-        if self.merged_weight is not None:
-            return F.linear(x, self.merged_weight, self.bias)
-        y = F.linear(x, self.weight, self.bias)
-        for _, b, a in self.adapter_pairs():
-            y = y + F.linear(F.linear(x, a) * self.scaling, b)
-        return y
+        if self._merged:
+            sources = self._refresh_merged_weight()
+            return F.linear(x, _RefuseBackward.apply(self.merged_weight, *sources), self.bias)
+        b, a = self.stacked_factors()
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, a) * self.scaling, b)
 
     def adapter_numel(self) -> int:
         return sum(a.numel() + b.numel() for _, b, a in self.adapter_pairs())

@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..atomic import write_text
 from .collect import load_source
 from .figures import cosine_heatmaps, phi_per_block_plot
 from .report import summarise
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = summarise(layers)
-    (out / "analysis.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "analysis.json", json.dumps(result, indent=2))
     written = [out / "analysis.json"]
     if not args.no_figures:
         if args.heatmap_layers:

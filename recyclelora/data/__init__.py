@@ -1,8 +1,10 @@
-"""Datasets, augmentation, sampling and loading for the RecycleLoRA recipe (REFERENCE §3-4).
+"""Datasets, augmentation, sampling and loading for the RecycleLoRA recipe (docs/method.md §3-4).
 
 - :mod:`.labels` - the 19 classes, palette, every source's id -> train-id table
 - :mod:`.imageio` - OpenCV reading/writing; :class:`DataError` names the file and the fix
+- :mod:`.layouts` - each release's folders and file names, spelled once for readers and converters
 - :mod:`.datasets` - GTAV, SYNTHIA, UrbanSyn, Cityscapes, BDD100K, Mapillary; :class:`TrainSet`
+- :mod:`.convert` - the one-off label conversions and Mapillary's half-size copy
 - :mod:`.transforms` - training augmentation, evaluation rescale, normalisation
 - :mod:`.sampler` - infinite, seedable, DDP-sharded, resumable source sampler
 - :mod:`.loader` - DataLoader construction and batch collation

@@ -1,4 +1,4 @@
-"""The six datasets in their official release layouts (REFERENCE §4), as train-id label maps.
+"""The six datasets in their official release layouts (docs/method.md §4), as train-id label maps.
 
 Which labels are read (following Rein's configurations):
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import shlex
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +34,16 @@ from torch.utils.data import Dataset
 
 from . import labels as L
 from .imageio import DataError, DataWarning, read_image, read_label
+from .layouts import (
+    BDD100K_LAYOUT,
+    CITYSCAPES_LAYOUT,
+    GTAV_LAYOUT,
+    MAPILLARY_HALF_LAYOUT,
+    MAPILLARY_LAYOUT,
+    SYNTHIA_LAYOUT,
+    URBANSYN_LAYOUT,
+    Layout,
+)
 from .sampler import sample_seed
 from .transforms import EVAL_SCALES, EvalTransform, TrainTransform
 
@@ -55,14 +64,10 @@ __all__ = [
     "prepare_command",
 ]
 
-TRAIN_IDS = "_labelTrainIds.png"
-
 
 def prepare_command(dataset: str, root: str | Path) -> str:
-    """The exact one-off conversion command for ``dataset`` at ``root``."""
-    script = Path(__file__).resolve().parents[2] / "training" / "prepare_data.py"
-    shown = "training/prepare_data.py" if script.exists() else str(script)
-    return f"{Path(sys.executable).name} {shown} {dataset} {shlex.quote(str(root))}"
+    """The one-off conversion command for ``dataset`` at ``root``, as the README spells it."""
+    return f"python training/prepare_data.py {dataset} {shlex.quote(str(root))}"
 
 
 def _examples(items, n: int = 3) -> str:
@@ -72,15 +77,14 @@ def _examples(items, n: int = 3) -> str:
 
 
 class SegDataset(Dataset):
-    """Image/label pairs mapped to train ids; subclasses discover the official layouts.
+    """Image/label pairs mapped to train ids; subclasses find them through their :class:`Layout`.
 
     ``transform`` (an :class:`EvalTransform`) rescales the image only; labels stay at their
     file's resolution (evaluation resizes predictions back to it).
     """
 
     name: ClassVar[str] = "dataset"
-    source: ClassVar[str] = ""  # where the official release is downloaded from
-    layout: ClassVar[str] = ""  # the expected folder layout, for error messages
+    layout: ClassVar[Layout]  # the official release's folders and file names
 
     def __init__(
         self,
@@ -112,7 +116,7 @@ class SegDataset(Dataset):
     def _missing(cls, path: Path, what: str) -> DataError:
         return DataError(
             f"{cls.name}: {path} not found ({what}). Expected the official layout under the "
-            f"dataset root: {cls.layout}. Download: {cls.source}.",
+            f"dataset root: {cls.layout.describe()}. Download: {cls.layout.source}.",
             path=path,
         )
 
@@ -123,6 +127,31 @@ class SegDataset(Dataset):
         return path
 
     @classmethod
+    def _folders(cls, layout: Layout, root: Path, split: str = "") -> tuple[Path, Path]:
+        """The (image, label) folders of ``split``, each checked to exist."""
+        title = f"{layout.title} {split}" if split else layout.title
+        cls._dir(root, f"the {layout.title} dataset root")
+        return (
+            cls._dir(layout.image_dir(root, split), f"the {title} images folder"),
+            cls._dir(layout.label_dir(root, split), f"the {title} labels folder"),
+        )
+
+    @classmethod
+    def _find(
+        cls, root: Path, split: str = "", *, converted: bool = False
+    ) -> tuple[list[Path], list[Path]]:
+        """Paired (images, labels) of ``split``: the official labels, or the converted ones
+        (raising with the conversion command when they are missing)."""
+        layout = cls.layout
+        img_dir, lab_dir = cls._folders(layout, root, split)
+        images = layout.image_files(img_dir)
+        labels = layout.label_files(lab_dir, converted=converted)
+        if converted:
+            cls._need_conversion(root, images, labels, layout.label_files(lab_dir), lab_dir)
+        pattern = layout.pairing(split or None, converted=converted)
+        return cls._pair(images, labels, img_dir, lab_dir, pattern)
+
+    @classmethod
     def _pair(
         cls,
         images: dict[str, Path],
@@ -131,10 +160,11 @@ class SegDataset(Dataset):
         label_dir: Path,
         pattern: str,
     ) -> tuple[list[Path], list[Path]]:
+        source = cls.layout.source
         if not images:
             raise DataError(
                 f"{cls.name}: no images in {image_dir} (expected {pattern}). An empty or wrong "
-                f"split / folder? Expected layout: {cls.layout}. Download: {cls.source}.",
+                f"split / folder? Expected layout: {cls.layout.describe()}. Download: {source}.",
                 path=image_dir,
             )
         lonely_images = images.keys() - labels.keys()
@@ -154,7 +184,7 @@ class SegDataset(Dataset):
             raise DataError(
                 f"{cls.name}: image and label files do not pair up: {'; '.join(parts)}. Pairs "
                 f"are {pattern}. An interrupted download or extraction? Re-extract the missing "
-                f"parts from {cls.source}.",
+                f"parts from {source}.",
                 path=image_dir if lonely_images else label_dir,
             )
         keys = sorted(images)
@@ -178,9 +208,9 @@ class SegDataset(Dataset):
             head = f"the labels in {label_dir} have not been converted to train ids yet"
         else:
             head = (
-                f"{len(missing)} of {len(images)} converted label files (*{TRAIN_IDS}) are "
-                f"missing in {label_dir} (e.g. {_examples(raw[k].name for k in missing)}): "
-                f"the conversion was interrupted"
+                f"{len(missing)} of {len(images)} converted label files "
+                f"(*{cls.layout.converted_suffix}) are missing in {label_dir} "
+                f"(e.g. {_examples(raw[k].name for k in missing)}): the conversion was interrupted"
             )
         raise DataError(
             f"{cls.name}: {head}. Run once (it is resumable and skips finished files):\n"
@@ -230,15 +260,6 @@ class SegDataset(Dataset):
         }
 
 
-def _by_stem(folder: Path, suffix: str, exclude: str | None = None) -> dict[str, Path]:
-    out = {}
-    for p in folder.glob(f"*{suffix}"):
-        if exclude and p.name.endswith(exclude):
-            continue
-        out[p.name[: -len(suffix)]] = p
-    return out
-
-
 class GTAV(SegDataset):
     """GTAV ("Playing for Data"): ``images/*.png`` with ``labels/*.png`` (Cityscapes ids).
 
@@ -246,30 +267,13 @@ class GTAV(SegDataset):
     """
 
     name = "gtav"
-    source = (
-        "'Playing for Data: Ground Truth from Computer Games' (TU Darmstadt download page, "
-        "download.visinf.tu-darmstadt.de/data/from_games/): the 10 image and 10 label parts, "
-        "extracted into ROOT"
-    )
-    layout = "ROOT/images/NNNNN.png and ROOT/labels/NNNNN.png"
+    layout = GTAV_LAYOUT
 
     def __init__(self, root, *, converted: bool = True, transform=None):
         root = Path(root)
-        self._dir(root, "the GTAV dataset root")
-        img_dir = self._dir(root / "images", "the GTAV images folder")
-        lab_dir = self._dir(root / "labels", "the GTAV labels folder")
-        images = _by_stem(img_dir, ".png")
-        raw = _by_stem(lab_dir, ".png", exclude=TRAIN_IDS)
-        if converted:
-            conv = _by_stem(lab_dir, TRAIN_IDS)
-            self._need_conversion(root, images, conv, raw, lab_dir)
-            imgs, labs = self._pair(
-                images, conv, img_dir, lab_dir, f"images/X.png <-> labels/X{TRAIN_IDS}"
-            )
-            lut = L.train_id_lut()  # train ids already: only guards against stray values
-        else:
-            imgs, labs = self._pair(images, raw, img_dir, lab_dir, "images/X.png <-> labels/X.png")
-            lut = L.cityscapes_lut()
+        imgs, labs = self._find(root, converted=converted)
+        # converted labels are train ids already: the identity table only guards stray values
+        lut = L.train_id_lut() if converted else L.cityscapes_lut()
         super().__init__(root, imgs, labs, lut=lut, transform=transform)
 
 
@@ -277,49 +281,24 @@ class Synthia(SegDataset):
     """SYNTHIA RAND_CITYSCAPES: ``RGB/*.png`` with 16-bit multi-channel ``GT/LABELS/*.png``."""
 
     name = "synthia"
-    source = "SYNTHIA-RAND-CITYSCAPES (synthia-dataset.net, Downloads page), extracted into ROOT"
-    layout = "ROOT/RGB/NNNNNNN.png and ROOT/GT/LABELS/NNNNNNN.png"
+    layout = SYNTHIA_LAYOUT
 
     def __init__(self, root, *, converted: bool = True, transform=None):
         root = Path(root)
-        self._dir(root, "the SYNTHIA dataset root")
-        img_dir = self._dir(root / "RGB", "the SYNTHIA RGB folder")
-        lab_dir = self._dir(root / "GT" / "LABELS", "the SYNTHIA GT/LABELS folder")
-        images = _by_stem(img_dir, ".png")
-        raw = _by_stem(lab_dir, ".png", exclude=TRAIN_IDS)
-        red = False
-        if converted:
-            conv = _by_stem(lab_dir, TRAIN_IDS)
-            self._need_conversion(root, images, conv, raw, lab_dir)
-            imgs, labs = self._pair(
-                images, conv, img_dir, lab_dir, f"RGB/X.png <-> GT/LABELS/X{TRAIN_IDS}"
-            )
-            lut = L.train_id_lut()
-        else:
-            imgs, labs = self._pair(images, raw, img_dir, lab_dir, "RGB/X.png <-> GT/LABELS/X.png")
-            lut, red = L.synthia_lut(), True
-        super().__init__(root, imgs, labs, lut=lut, red_channel=red, transform=transform)
-
-
-def _strip_prefix(d: dict[str, Path], prefix: str) -> dict[str, Path]:
-    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in d.items()}
+        imgs, labs = self._find(root, converted=converted)
+        lut = L.train_id_lut() if converted else L.synthia_lut()
+        super().__init__(root, imgs, labs, lut=lut, red_channel=not converted, transform=transform)
 
 
 class UrbanSyn(SegDataset):
     """UrbanSyn: ``rgb/rgb_NNNN.png`` with ``ss/ss_NNNN.png`` (train ids; 19 -> 255 on the fly)."""
 
     name = "urbansyn"
-    source = "UrbanSyn (www.urbansyn.org, download page): the rgb and ss parts, extracted into ROOT"
-    layout = "ROOT/rgb/rgb_NNNN.png and ROOT/ss/ss_NNNN.png"
+    layout = URBANSYN_LAYOUT
 
     def __init__(self, root, *, transform=None):
         root = Path(root)
-        self._dir(root, "the UrbanSyn dataset root")
-        img_dir = self._dir(root / "rgb", "the UrbanSyn rgb folder")
-        lab_dir = self._dir(root / "ss", "the UrbanSyn ss folder")
-        images = _strip_prefix(_by_stem(img_dir, ".png"), "rgb_")
-        labels = _strip_prefix(_by_stem(lab_dir, ".png"), "ss_")
-        imgs, labs = self._pair(images, labels, img_dir, lab_dir, "rgb/rgb_X.png <-> ss/ss_X.png")
+        imgs, labs = self._find(root)
         super().__init__(root, imgs, labs, lut=L.urbansyn_lut(), transform=transform)
 
 
@@ -331,38 +310,12 @@ class Cityscapes(SegDataset):
     """
 
     name = "cityscapes"
-    source = (
-        "Cityscapes (www.cityscapes-dataset.com, Downloads, login required): "
-        "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip, extracted into ROOT"
-    )
-    layout = (
-        "ROOT/leftImg8bit/{train,val}/CITY/*_leftImg8bit.png and "
-        "ROOT/gtFine/{train,val}/CITY/*_gtFine_labelIds.png"
-    )
+    layout = CITYSCAPES_LAYOUT
 
     def __init__(self, root, split: str = "val", *, converted: bool = True, transform=None):
         root = Path(root)
-        self._dir(root, "the Cityscapes dataset root")
-        img_dir = self._dir(root / "leftImg8bit" / split, f"the Cityscapes {split} images")
-        lab_dir = self._dir(root / "gtFine" / split, f"the Cityscapes {split} fine labels")
-
-        def collect(folder: Path, suffix: str) -> dict[str, Path]:
-            return {
-                f"{p.parent.name}/{p.name[: -len(suffix)]}": p for p in folder.glob(f"*/*{suffix}")
-            }
-
-        images = collect(img_dir, "_leftImg8bit.png")
-        raw = collect(lab_dir, "_gtFine_labelIds.png")
-        if converted:
-            conv = collect(lab_dir, "_gtFine_labelTrainIds.png")
-            self._need_conversion(root, images, conv, raw, lab_dir)
-            pattern = "CITY/X_leftImg8bit.png <-> CITY/X_gtFine_labelTrainIds.png"
-            imgs, labs = self._pair(images, conv, img_dir, lab_dir, pattern)
-            lut = L.train_id_lut()
-        else:
-            pattern = "CITY/X_leftImg8bit.png <-> CITY/X_gtFine_labelIds.png"
-            imgs, labs = self._pair(images, raw, img_dir, lab_dir, pattern)
-            lut = L.cityscapes_lut()
+        imgs, labs = self._find(root, split, converted=converted)
+        lut = L.train_id_lut() if converted else L.cityscapes_lut()
         self.split = split
         super().__init__(root, imgs, labs, lut=lut, transform=transform)
 
@@ -371,23 +324,11 @@ class BDD100K(SegDataset):
     """BDD100K 10k: ``images/10k/SPLIT/*.jpg`` with ``labels/sem_seg/masks/SPLIT/*.png``."""
 
     name = "bdd100k"
-    source = (
-        "BDD100K (bdd-data.berkeley.edu, download page, login required): '10K Images' and "
-        "'Semantic Segmentation' labels, extracted into ROOT"
-    )
-    layout = "ROOT/images/10k/{train,val}/X.jpg and ROOT/labels/sem_seg/masks/{train,val}/X.png"
+    layout = BDD100K_LAYOUT
 
     def __init__(self, root, split: str = "val", *, transform=None):
         root = Path(root)
-        self._dir(root, "the BDD100K dataset root")
-        img_dir = self._dir(root / "images" / "10k" / split, f"the BDD100K 10k {split} images")
-        lab_dir = self._dir(
-            root / "labels" / "sem_seg" / "masks" / split, f"the BDD100K {split} sem_seg masks"
-        )
-        pattern = f"images/10k/{split}/X.jpg <-> labels/sem_seg/masks/{split}/X.png"
-        imgs, labs = self._pair(
-            _by_stem(img_dir, ".jpg"), _by_stem(lab_dir, ".png"), img_dir, lab_dir, pattern
-        )
+        imgs, labs = self._find(root, split)
         self.split = split
         super().__init__(root, imgs, labs, lut=L.bdd100k_lut(), transform=transform)
 
@@ -401,55 +342,50 @@ class Mapillary(SegDataset):
     """
 
     name = "mapillary"
-    source = (
-        "Mapillary Vistas Dataset v1.2 (www.mapillary.com/dataset/vistas, research edition), "
-        "extracted into ROOT"
-    )
-    layout = (
-        "ROOT/config_v1.2.json, ROOT/validation/images/X.jpg, ROOT/validation/v1.2/labels/X.png"
-    )
-    HALF_IMAGES = Path("half") / "val_img"
-    HALF_LABELS = Path("half") / "val_label"
+    layout = MAPILLARY_LAYOUT
 
     def __init__(self, root, split: str = "validation", *, half: bool = True, transform=None):
         root = Path(root)
-        self._dir(root, "the Mapillary Vistas dataset root")
-        if half:
-            if split != "validation":
-                raise ValueError("the half-size copy exists for split='validation' only")
-            img_dir, lab_dir = root / self.HALF_IMAGES, root / self.HALF_LABELS
-            if not img_dir.is_dir() or not lab_dir.is_dir():
-                self._dir(root / "validation" / "images", "the Mapillary validation images")
-                raise DataError(
-                    f"mapillary: the half-size evaluation copy {img_dir} / {lab_dir} does not "
-                    f"exist yet. Run once (resumable):\n"
-                    f"    {prepare_command('mapillary', root)}\n"
-                    f"or pass half=False to read the full-size files.",
-                    path=img_dir,
-                )
-            pattern = "half/val_img/X.jpg <-> half/val_label/X.png"
-            lut = L.train_id_lut()
-        else:
-            img_dir = self._dir(root / split / "images", f"the Mapillary {split} images")
-            lab_dir = self._dir(root / split / "v1.2" / "labels", f"the Mapillary {split} labels")
-            config = root / "config_v1.2.json"
+        if not half:
+            imgs, labs = self._find(root, split)
+            config = root / self.layout.config
             if not config.is_file():
                 raise self._missing(config, "the v1.2 label configuration")
-            pattern = f"{split}/images/X.jpg <-> {split}/v1.2/labels/X.png"
-            lut = L.mapillary_lut(config)
+            self.split = split
+            super().__init__(root, imgs, labs, lut=L.mapillary_lut(config), transform=transform)
+            return
+        if split != "validation":
+            raise ValueError("the half-size copy exists for split='validation' only")
+        official = self.layout.image_dir(root, split)
+        half_layout = MAPILLARY_HALF_LAYOUT
+        img_dir, lab_dir = half_layout.image_dir(root), half_layout.label_dir(root)
+        if not img_dir.is_dir() or not lab_dir.is_dir():
+            self._folders(self.layout, root, split)  # no official release there either?
+            raise DataError(
+                f"mapillary: the half-size evaluation copy {img_dir} / {lab_dir} does not "
+                f"exist yet. Run once (resumable):\n"
+                f"    {prepare_command('mapillary', root)}\n"
+                f"or pass half=False to read the full-size files.",
+                path=img_dir,
+            )
         imgs, labs = self._pair(
-            _by_stem(img_dir, ".jpg"), _by_stem(lab_dir, ".png"), img_dir, lab_dir, pattern
+            half_layout.image_files(img_dir),
+            half_layout.label_files(lab_dir),
+            img_dir,
+            lab_dir,
+            half_layout.pairing(),
         )
-        if half and len(imgs) < len(_by_stem(root / "validation" / "images", ".jpg")):
+        # the official images, when still there, say how many the copy must hold
+        expected = len(self.layout.image_files(official)) if official.is_dir() else 0
+        if len(imgs) < expected:
             raise DataError(
                 f"mapillary: the half-size copy {img_dir} is incomplete ({len(imgs)} of "
-                f"{len(_by_stem(root / 'validation' / 'images', '.jpg'))} images): the conversion "
-                f"was interrupted. Run again (it resumes):\n"
+                f"{expected} images): the conversion was interrupted. Run again (it resumes):\n"
                 f"    {prepare_command('mapillary', root)}",
                 path=img_dir,
             )
         self.split = split
-        super().__init__(root, imgs, labs, lut=lut, transform=transform)
+        super().__init__(root, imgs, labs, lut=L.train_id_lut(), transform=transform)
 
 
 DATASETS: dict[str, type[SegDataset]] = {
@@ -480,7 +416,7 @@ def build_dataset(name: str, root: str | Path, **kwargs) -> SegDataset:
 
 
 def build_eval_dataset(name: str, root: str | Path, **kwargs) -> SegDataset:
-    """A target dataset's validation split with its REFERENCE §4 evaluation rescale."""
+    """A target dataset's validation split with its docs/method.md §4 evaluation rescale."""
     key = canonical_name(name)
     if key not in EVAL_SCALES:
         raise ValueError(f"no evaluation scale for {name!r}; targets: {', '.join(EVAL_SCALES)}")

@@ -1,4 +1,4 @@
-"""The 19 Cityscapes train classes and every source's label-id -> train-id table (REFERENCE §4).
+"""The 19 Cityscapes train classes and every label-id -> train-id table (docs/method.md §4).
 
 All tables are lookup arrays (``lut[raw_id] -> train id``, 255 = ignore) of dtype uint8: 256
 entries for 8-bit label files, 65,536 for Synthia's 16-bit ones. Apply them with
@@ -159,7 +159,7 @@ def _normalise(name: str) -> str:
 
 _CITYSCAPES_BY_NAME = {_normalise(n): i for i, n in enumerate(CLASS_NAMES)}
 
-# Substring rules, tried in this order after the exact-name match (REFERENCE §4).
+# Substring rules, tried in this order after the exact-name match (docs/method.md §4).
 _MAPILLARY_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("trafficsign", "front", "back"), "traffic sign"),
     (("onrail",), "train"),

@@ -57,7 +57,7 @@ def build_train_sampler(
     world_size: int = 1,
     gtav_subset: int | None = GTAV_SUBSET_SIZE,
 ) -> InfiniteSourceSampler:
-    """The REFERENCE §3 sampler for a :class:`~.datasets.TrainSet`: GTAV sources get a fresh
+    """The docs/method.md §3 sampler for a :class:`~.datasets.TrainSet`: GTAV sources get a fresh
     random subset of ``gtav_subset`` images per pass (``None`` / 0: all), the others are read
     whole; ``batch_size`` is the global batch size."""
     subsets = [

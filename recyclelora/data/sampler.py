@@ -1,4 +1,4 @@
-"""Infinite, seedable, resumable source sampler (REFERENCE §3 source sampling).
+"""Infinite, seedable, resumable source sampler (docs/method.md §3 source sampling).
 
 The training stream is a sequence of *passes*. Pass ``p`` lists, for every source, either all its
 images or (GTAV) a fresh random subset of ``subset_size`` of them, concatenates the sources and

@@ -17,6 +17,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import trainId2label
 
 from .labels import palette
+from .layouts import CITYSCAPES_LAYOUT, GTAV_LAYOUT
 
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY = range(11)
 PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE = range(11, 19)
@@ -139,14 +140,17 @@ def write_demo_datasets(
         cv2.imwrite(str(img_path), cv2.cvtColor(stylize(lab, rng, domain), cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(lab_path), label_ids(lab))
 
+    g = GTAV_LAYOUT
     for i in range(n_source):
-        write(gta / "images" / f"{i:05d}.png", gta / "labels" / f"{i:05d}.png", "synthetic")
+        key = f"{i:05d}"
+        write(g.image_path(g.image_dir(gta), key), g.label_path(g.label_dir(gta), key), "synthetic")
+    c = CITYSCAPES_LAYOUT
     for split, n in (("train", n_target), ("val", n_target)):
         for i in range(n):
-            stem = f"demo_{0:06d}_{i:06d}"
+            key = f"demo/demo_{0:06d}_{i:06d}"  # CITY/stem
             write(
-                cs / "leftImg8bit" / split / "demo" / f"{stem}_leftImg8bit.png",
-                cs / "gtFine" / split / "demo" / f"{stem}_gtFine_labelIds.png",
+                c.image_path(c.image_dir(cs, split), key),
+                c.label_path(c.label_dir(cs, split), key),
                 "real",
             )
     return {"gtav": gta, "cityscapes": cs}

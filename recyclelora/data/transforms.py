@@ -1,4 +1,4 @@
-"""Training augmentation and evaluation resizing (REFERENCE §3-4; mmseg Mask2Former defaults).
+"""Training augmentation and evaluation resizing (docs/method.md §3-4; mmseg Mask2Former defaults).
 
 Training, per sample, driven by one ``numpy.random.Generator`` seeded from the sample key:
 
@@ -48,7 +48,7 @@ def short_edges_for(crop: int) -> tuple[int, ...]:
 
 
 TRAIN_SHORT_EDGES: tuple[int, ...] = short_edges_for(512)
-EVAL_SCALES: dict[str, tuple[int, int]] = {  # (long, short) bounds, REFERENCE §4
+EVAL_SCALES: dict[str, tuple[int, int]] = {  # (long, short) bounds, docs/method.md §4
     "cityscapes": (2048, 1024),
     "bdd100k": (1280, 720),
     "mapillary": (2048, 1024),

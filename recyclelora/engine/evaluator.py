@@ -1,4 +1,4 @@
-"""Evaluation protocol of REFERENCE §4: per-target rescale, sliding window, predictions resized
+"""Evaluation protocol of docs/method.md §4: per-target rescale, sliding window, predictions resized
 back to the label, one int64 confusion matrix per target reduced over DDP ranks."""
 
 from __future__ import annotations

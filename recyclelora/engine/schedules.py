@@ -1,4 +1,4 @@
-"""Per-iteration schedules of the recipe (REFERENCE §3), in closed form so resume is exact.
+"""Per-iteration schedules of the recipe (docs/method.md §3), in closed form so resume is exact.
 
 Both follow mmengine's schedulers as the authors configured them: ``PolyLR(power=0.9, eta_min=0)``
 on every group's lr, and ``CosineAnnealingParamScheduler(param_name="weight_decay",

@@ -1,5 +1,5 @@
-"""Segmentation metrics of REFERENCE §4: an int64 confusion matrix per target, IoU per class, and
-mIoU over the classes whose union is non-zero."""
+"""Segmentation metrics (docs/method.md §4): an int64 confusion matrix per target, IoU per
+class, and mIoU over the classes whose union is non-zero."""
 
 from __future__ import annotations
 

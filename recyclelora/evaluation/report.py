@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_text
 from .metrics import iou_per_class, mean_iou, pixel_accuracy
 
 
@@ -26,7 +27,7 @@ def target_results(cm: torch.Tensor, class_names: Sequence[str]) -> dict:
 
 
 def summarise(confusions: dict[str, torch.Tensor], class_names: Sequence[str]) -> dict:
-    """Per-target results and ``Avg.``, the mean of the per-target mIoUs (REFERENCE §4)."""
+    """Per-target results and ``Avg.``, the mean of the per-target mIoUs (docs/method.md §4)."""
     targets = {t: target_results(cm.cpu(), class_names) for t, cm in confusions.items()}
     miou = [r["mIoU"] for r in targets.values()]
     return {"targets": targets, "Avg": sum(miou) / len(miou) if miou else float("nan")}
@@ -58,6 +59,6 @@ def markdown_table(results: dict, class_names: Sequence[str]) -> str:
 def write_report(results: dict, class_names: Sequence[str], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    (out / "metrics.md").write_text(markdown_table(results, class_names))
+    write_text(out / "metrics.json", json.dumps(results, indent=2))
+    write_text(out / "metrics.md", markdown_table(results, class_names))
     return out / "metrics.json"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ __all__ = [
     "SwiGLUFFN",
     "OUT_FRACTIONS_THIRDS",
     "OUT_FRACTIONS_QUARTERS",
+    "POS_EMBED_OFFSET",
+    "PosEmbedResize",
     "proportional_out_indices",
     "swiglu_hidden_dim",
     "dinov2_tiny",
@@ -49,6 +52,14 @@ FEATURE_SCALES: tuple[float, float, float, float] = (4.0, 2.0, 1.0, 0.5)
 OUT_FRACTIONS_THIRDS: tuple[float, ...] = (1 / 3, 1 / 2, 2 / 3, 1.0)
 #: Evenly spaced quarters — Meta's (9, 19, 29, 39) for ViT-g.
 OUT_FRACTIONS_QUARTERS: tuple[float, ...] = (1 / 4, 1 / 2, 3 / 4, 1.0)
+
+#: How the stored position grid is resized to another token grid (docs/method.md §2):
+#: ``"authors"`` — Meta's DINOv2 code, which the authors' backbone runs: bicubic by the scale
+#: factor ``(g + POS_EMBED_OFFSET) / N`` per axis (g the token grid, N the stored grid);
+#: ``"size"`` — the Hugging Face way: bicubic to the target size (samples every N / g).
+PosEmbedResize = Literal["authors", "size"]
+#: Meta's offset, added so the scale factor never rounds the output one token short.
+POS_EMBED_OFFSET = 0.1
 
 
 def proportional_out_indices(
@@ -222,6 +233,9 @@ class DinoVisionTransformer(nn.Module):
 
     ``mask_token`` (1, D) is kept for the same reason; this dense forward never masks tokens.
 
+    Inputs whose token grid differs from the stored one (whole-image inference) get resized
+    position embeddings, by the authors' rule unless ``pos_embed_resize="size"``.
+
     Attributes read by the decode-head builder: ``embed_dim``, ``out_indices``,
     ``feature_strides`` (p/4, p/2, p, 2p).
     """
@@ -242,6 +256,7 @@ class DinoVisionTransformer(nn.Module):
         proj_bias: bool = True,
         ffn_bias: bool = True,
         ffn_layer: str = "mlp",
+        pos_embed_resize: PosEmbedResize = "authors",
     ) -> None:
         """
         Args:
@@ -250,6 +265,9 @@ class DinoVisionTransformer(nn.Module):
             out_indices: four 0-based block indices; default ``proportional_out_indices(depth)``.
             layerscale_init: LayerScale initial value; ``None``/0 disables LayerScale.
             ffn_layer: ``"mlp"`` (fc1/GELU/fc2) or ``"swiglu"`` (w12/w3, ViT-g).
+            pos_embed_resize: rule for token grids other than the stored one (see
+                :data:`PosEmbedResize`); ``"authors"`` gives the authors' checkpoints their
+                whole-image results, ``"size"`` is the Hugging Face way (by target size).
         """
         super().__init__()
         img_hw = _pair(img_size)
@@ -264,6 +282,11 @@ class DinoVisionTransformer(nn.Module):
             set(out_indices)
         ):
             raise ValueError(f"out_indices {out_indices} must be increasing and in [0, {depth})")
+        if pos_embed_resize not in get_args(PosEmbedResize):
+            raise ValueError(
+                f"pos_embed_resize must be one of {get_args(PosEmbedResize)}, "
+                f"got {pos_embed_resize!r}"
+            )
 
         self.img_size = img_hw
         self.patch_size = patch_size
@@ -272,6 +295,7 @@ class DinoVisionTransformer(nn.Module):
         self.depth = depth
         self.num_heads = num_heads
         self.out_indices = out_indices
+        self.pos_embed_resize = pos_embed_resize
         self.num_prefix_tokens = 1  # one class token, no register tokens
         self.grid_size = (img_hw[0] // patch_size, img_hw[1] // patch_size)
         self.feature_strides = tuple(patch_size / s for s in FEATURE_SCALES)
@@ -316,9 +340,11 @@ class DinoVisionTransformer(nn.Module):
     def interpolate_pos_embed(self, grid_h: int, grid_w: int) -> Tensor:
         """Position embedding for a (grid_h, grid_w) token grid: (1, 1 + grid_h*grid_w, D).
 
-        Returns the stored parameter unchanged when the grid matches; otherwise resizes the patch
-        positions bicubically (align_corners=False, by output size) and keeps the class position.
-        Computed in at least float32 (bicubic is not implemented for half on every device).
+        Returns the stored parameter unchanged when the grid matches (training crops; sliding
+        windows at the training size); otherwise resizes the patch positions bicubically
+        (align_corners=False, no antialias) by the ``pos_embed_resize`` rule and keeps the class
+        position. Computed in at least float32 (bicubic is not implemented for half on every
+        device), as Meta's code does.
         """
         if (grid_h, grid_w) == self.grid_size:
             return self.pos_embed
@@ -327,8 +353,13 @@ class DinoVisionTransformer(nn.Module):
         dtype = torch.promote_types(pos.dtype, torch.float32)
         cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
         patch_pos = patch_pos.reshape(1, gh0, gw0, -1).permute(0, 3, 1, 2).to(dtype)
+        if self.pos_embed_resize == "authors":
+            scale = ((grid_h + POS_EMBED_OFFSET) / gh0, (grid_w + POS_EMBED_OFFSET) / gw0)
+            resize: dict = {"scale_factor": scale}
+        else:
+            resize = {"size": (grid_h, grid_w)}
         patch_pos = F.interpolate(
-            patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False
+            patch_pos, mode="bicubic", align_corners=False, antialias=False, **resize
         )
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(pos.dtype)
         return torch.cat((cls_pos, patch_pos), dim=1)

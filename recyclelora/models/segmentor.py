@@ -1,7 +1,7 @@
 """The segmentation model: input normalisation, DINOv2 backbone (with adapters), Mask2Former head.
 
 :class:`Segmentor` follows mmseg 1.x's ``EncoderDecoder`` + ``SegDataPreProcessor`` as the
-authors' configuration uses them (REFERENCE §2):
+authors' configuration uses them (docs/method.md §2):
 
 - inputs are float RGB images on 0-255, (B, 3, H, W); they are normalised with the ImageNet mean
   and std (buffers, not saved in the state dict);
@@ -45,7 +45,7 @@ __all__ = [
     "slide_windows",
 ]
 
-#: REFERENCE §2: RGB mean and std on 0-255.
+#: docs/method.md §2: RGB mean and std on 0-255.
 IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
@@ -249,7 +249,7 @@ BackboneFactory = Callable[..., DinoVisionTransformer]
 
 #: name -> (backbone factory, head keyword arguments beyond in_channels/strides/num_classes).
 PRESETS: dict[str, tuple[BackboneFactory, dict[str, Any]]] = {
-    # REFERENCE §2 / the authors' mmseg config (Rein's dinov2_mask2former.py).
+    # docs/method.md §2 / the authors' mmseg config (Rein's dinov2_mask2former.py).
     "dinov2_large_mask2former": (
         dinov2_vitl,
         {

@@ -57,7 +57,7 @@ def unmask_full_rows(attn_mask: Tensor) -> Tensor:
 def semantic_inference(
     cls_logits: Tensor, mask_logits: Tensor, out_size: Sequence[int] | None = None
 ) -> Tensor:
-    """Per-class scores from query classes and masks (REFERENCE §2).
+    """Per-class scores from query classes and masks (docs/method.md §2).
 
     Args:
         cls_logits: (B, Q, K+1), the last column being "no object".

@@ -2,7 +2,7 @@
 
 Semantics follow mmdet 3.x ``Mask2FormerHead._loss_by_feat_single`` / ``MaskFormerHead.
 loss_by_feat`` driven by mmseg 1.x (``seg_data_to_instance_data``), with the RecycleLoRA
-configuration (REFERENCE §2):
+configuration (docs/method.md §2):
 
 - targets: one binary mask per class present in the label map; ignore (255) pixels are
   negatives in every mask;
@@ -14,7 +14,9 @@ configuration (REFERENCE §2):
   ``num_total_masks``, loss weight 5.0;
 - ``num_total_masks`` is averaged over DDP ranks and clamped to >= 1;
 - deep supervision: every prediction set is matched and weighed on its own; the last set
-  gives ``loss_cls/loss_mask/loss_dice``, the others ``d{i}.loss_*`` (i = 0 first).
+  gives ``loss_cls/loss_mask/loss_dice``, the others ``d{i}.loss_*`` (i = 0 first); all
+  sets are matched together, in one host round trip (``HungarianMatcher.match_sets``);
+- matching costs and loss sums are float32 with autocast disabled (see ``matcher``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .matcher import HungarianMatcher
-from .point_sample import point_sample, uncertain_point_coords_with_randomness
+from .point_sample import generator_on, point_sample, uncertain_point_coords_with_randomness
 
 __all__ = [
     "InstanceTargets",
@@ -161,7 +163,8 @@ class Mask2FormerLoss(nn.Module):
             points: optional (N, P, 2) points for the N matched masks (ordered by image, then
                 query index) replacing importance sampling, e.g. for exact tests.
             generator: optional ``torch.Generator`` for matching and point sampling, or one per
-                image (draws then independent of how the batch is split over DDP ranks).
+                image (draws then independent of how the batch is split over DDP ranks); on
+                any device (``point_sample.generator_on``).
 
         Returns:
             ``(loss_cls, loss_mask, loss_dice)``, scalars, loss weights applied.
@@ -187,34 +190,63 @@ class Mask2FormerLoss(nn.Module):
         batch_idx_t = torch.cat(batch_idx)
         query_idx_t = torch.cat(query_idx)
 
-        # Classification: unmatched queries learn "no object" (id K) at weight 0.1.
-        labels = torch.full((batch, num_queries), self.num_classes, dtype=torch.long, device=device)
-        labels[batch_idx_t, query_idx_t] = torch.cat(matched_labels).long()
-        labels = labels.flatten()
-        class_weight = self.class_weight.to(device)
-        ce = F.cross_entropy(
-            cls_logits.flatten(0, 1).float(), labels, weight=class_weight, reduction="none"
-        )
-        # mmdet normalises by this rank's weight sum; the mean over ranks (as for the masks
-        # below) makes a DDP run compute the single-process loss; identical on one process.
-        cls_avg = reduce_mean(class_weight[labels].sum())
-        loss_cls = self.loss_cls_weight * ce.sum() / (cls_avg + _AVG_EPS)
+        # Sums over 12,544 points per mask and over all queries: float32 under any autocast.
+        with torch.autocast(device.type, enabled=False):
+            # Classification: unmatched queries learn "no object" (id K) at weight 0.1.
+            labels = torch.full(
+                (batch, num_queries), self.num_classes, dtype=torch.long, device=device
+            )
+            labels[batch_idx_t, query_idx_t] = torch.cat(matched_labels).long()
+            labels = labels.flatten()
+            class_weight = self.class_weight.to(device)
+            ce = F.cross_entropy(
+                cls_logits.flatten(0, 1).float(), labels, weight=class_weight, reduction="none"
+            )
+            # mmdet normalises by this rank's weight sum; the mean over ranks (as for the masks
+            # below) makes a DDP run compute the single-process loss; identical on one process.
+            cls_avg = reduce_mean(class_weight[labels].sum())
+            loss_cls = self.loss_cls_weight * ce.sum() / (cls_avg + _AVG_EPS)
 
-        num_total_masks = reduce_mean(
-            torch.tensor(float(batch_idx_t.numel()), device=device)
-        ).clamp(min=1.0)
+            # torch.full fills on the device; torch.tensor would copy from the host and wait.
+            num_masks = torch.full((), float(query_idx_t.numel()), device=device)
+            num_total_masks = reduce_mean(num_masks).clamp(min=1.0)
 
-        pred = mask_logits[batch_idx_t, query_idx_t]  # (N, h, w)
-        if pred.shape[0] == 0:
-            # No GT anywhere in this rank's batch: zero losses still tied to the graph.
-            zero = pred.sum()
-            return loss_cls, zero, zero.clone()
+            pred = mask_logits[batch_idx_t, query_idx_t]  # (N, h, w)
+            if pred.shape[0] == 0:
+                # No GT anywhere in this rank's batch: zero losses still tied to the graph.
+                zero = pred.float().sum()
+                return loss_cls, zero, zero.clone()
+            pred = pred.unsqueeze(1).float()
+            point_logits, point_targets = self._sample_points(
+                pred, gt_masks, matched_gt, points, generator
+            )
+            num_points = point_logits.shape[1]
+            loss_dice = (
+                self.loss_dice_weight
+                * dice_loss(point_logits, point_targets, self.dice_eps).sum()
+                / (num_total_masks + _AVG_EPS)
+            )
+            bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="sum")
+            loss_mask = self.loss_mask_weight * bce / (num_total_masks * num_points + _AVG_EPS)
+        return loss_cls, loss_mask, loss_dice
 
-        pred = pred.unsqueeze(1).float()
+    def _sample_points(
+        self,
+        pred: Tensor,
+        gt_masks: Sequence[Tensor],
+        matched_gt: Sequence[Tensor],
+        points: Tensor | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+    ) -> tuple[Tensor, Tensor]:
+        """(N, P) logits of the matched masks ``pred`` (N, 1, h, w) and their GT at the points.
+
+        Points are importance-sampled per image (with that image's generator when one per
+        image is given) unless ``points`` (N, P, 2) are passed.
+        """
+        device = pred.device
+        groups = [g.numel() for g in matched_gt]
         with torch.no_grad():
             if points is None:
-                # with per-image generators, each image's masks draw from their own generator
-                groups = [g.numel() for g in matched_gt]
                 per_image = isinstance(generator, (list, tuple))
                 points = torch.cat(
                     [
@@ -235,23 +267,11 @@ class Mask2FormerLoss(nn.Module):
             point_targets = torch.cat(
                 [
                     point_sample(gt_masks[i].to(device)[g].unsqueeze(1).float(), pts).squeeze(1)
-                    for i, (g, pts) in enumerate(
-                        zip(matched_gt, points.split([g.numel() for g in matched_gt]), strict=True)
-                    )
+                    for i, (g, pts) in enumerate(zip(matched_gt, points.split(groups), strict=True))
                     if g.numel() > 0
                 ]
             )  # (N, P)
-        point_logits = point_sample(pred, points).squeeze(1)  # (N, P)
-        num_points = point_logits.shape[1]
-
-        loss_dice = (
-            self.loss_dice_weight
-            * dice_loss(point_logits, point_targets, self.dice_eps).sum()
-            / (num_total_masks + _AVG_EPS)
-        )
-        bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="sum")
-        loss_mask = self.loss_mask_weight * bce / (num_total_masks * num_points + _AVG_EPS)
-        return loss_cls, loss_mask, loss_dice
+        return point_sample(pred, points).squeeze(1), point_targets
 
     def forward(
         self,
@@ -267,7 +287,10 @@ class Mask2FormerLoss(nn.Module):
                 (L = 10 for 9 decoder layers).
             targets: B ``InstanceTargets`` (see ``semantic_to_instance_targets``).
             generator: optional ``torch.Generator`` for matching and point sampling, or one per
-                image (draws then independent of how the batch is split over DDP ranks).
+                image (draws then independent of how the batch is split over DDP ranks), on
+                any device: one elsewhere than the predictions is replaced by a generator
+                derived from it there (``point_sample.generator_on``). Per image, all sets'
+                matching points are drawn first (set order), then all sets' loss points.
 
         Returns:
             ``loss_cls``, ``loss_mask``, ``loss_dice`` for the last set and
@@ -280,9 +303,18 @@ class Mask2FormerLoss(nn.Module):
         gt_labels = [t.labels.to(device) for t in targets]
         # Convert (and move) the masks once, not once per prediction set.
         gt_masks = [t.masks.to(device=device, dtype=torch.float32) for t in targets]
+        # Draw on the predictions' device: generators elsewhere are replaced here, once.
+        if isinstance(generator, (list, tuple)):
+            generator = [generator_on(device, g) for g in generator]
+        else:
+            generator = generator_on(device, generator)
+        # All sets matched together: one device->host copy of costs, one copy of indices back.
+        matches = self.matcher.match_sets(predictions, gt_labels, gt_masks, generator=generator)
         per_set = [
-            self.loss_single(cls_logits, mask_logits, gt_labels, gt_masks, generator=generator)
-            for cls_logits, mask_logits in predictions
+            self.loss_single(
+                cls_logits, mask_logits, gt_labels, gt_masks, indices=idx, generator=generator
+            )
+            for (cls_logits, mask_logits), idx in zip(predictions, matches, strict=True)
         ]
         # mmdet's key order: the final set first, then d0 (before the first layer), d1, ...
         names = ("loss_cls", "loss_mask", "loss_dice")

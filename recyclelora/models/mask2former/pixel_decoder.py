@@ -1,6 +1,6 @@
 """Mask2Former's deformable-attention pixel decoder (mmdet 3.x ``MSDeformAttnPixelDecoder``).
 
-Configuration reproduced (REFERENCE §2, the authors' mmseg 1.x config): inputs 4 maps of 1024
+Configuration reproduced (docs/method.md §2, the authors' mmseg 1.x config): inputs 4 maps of 1024
 channels at strides 4/8/16/32; the 3 coarsest (32, 16, 8) are projected to 256 channels
 (1x1 conv + GroupNorm(32)), flattened, and refined by a 6-layer deformable-attention encoder
 (256 dims, 8 heads, 3 levels, 4 points, FFN 1024 ReLU, dropout 0, post-norm); the finest map

@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "calculate_uncertainty",
+    "generator_on",
     "point_sample",
     "rand_points",
     "uncertain_point_coords_with_randomness",
@@ -59,17 +60,38 @@ def calculate_uncertainty(logits: Tensor) -> Tensor:
     return -logits.abs()
 
 
+def generator_on(
+    device: torch.device | str, generator: torch.Generator | None
+) -> torch.Generator | None:
+    """``generator`` itself if it lives on ``device``, else a generator there seeded from it.
+
+    Drawing on the device of the tensors being sampled avoids generating millions of numbers
+    on the CPU and copying them over every step. The derived generator is seeded from one
+    63-bit draw of ``generator``, so its stream stays a function of ``generator``'s state
+    alone (a per-sample seed keeps deciding every draw of that sample).
+    """
+    if generator is None:
+        return None
+    device, here = torch.device(device), generator.device
+    # "cuda" means the current device; the CPU's index does not matter.
+    same_index = device.type == "cpu" or device.index is None or device.index == here.index
+    if here.type == device.type and same_index:
+        return generator
+    seed = torch.randint(0, 2**63 - 1, (), generator=generator, device=here)
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
 def rand_points(
     shape: tuple[int, ...],
     device: torch.device | str | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
-    """Uniform float32 points in ``[0, 1)`` of ``shape`` on ``device``.
+    """Uniform float32 points in ``[0, 1)`` of ``shape``, drawn on ``device``.
 
     ``generator`` may be a list with one generator per row (``shape[0]``): each row then
     depends only on its own generator, so per-image draws do not depend on the batch split.
-    With a generator the numbers are drawn on the generator's device (a CPU generator can
-    then drive CUDA tensors reproducibly) and moved afterwards.
+    A generator on another device than ``device`` is replaced by one derived from it
+    (``generator_on``); ``device=None`` draws on the generator's device.
     """
     if generator is None:
         return torch.rand(shape, device=device)
@@ -78,8 +100,8 @@ def rand_points(
             raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
         rows = [rand_points((1, *shape[1:]), device, g) for g in generator]
         return torch.cat(rows) if rows else torch.rand(shape, device=device)
-    out = torch.rand(shape, generator=generator, device=generator.device)
-    return out.to(device) if device is not None else out
+    device = generator.device if device is None else torch.device(device)
+    return torch.rand(shape, generator=generator_on(device, generator), device=device)
 
 
 def uncertain_point_coords_with_randomness(
@@ -102,7 +124,8 @@ def uncertain_point_coords_with_randomness(
         num_points: P, points per mask.
         oversample_ratio: candidates per output point, >= 1.
         importance_sample_ratio: share of points chosen by uncertainty, in [0, 1].
-        generator: optional ``torch.Generator`` for deterministic draws.
+        generator: optional ``torch.Generator`` for deterministic draws; one on another device
+            than ``mask_logits`` is replaced once by a generator derived from it there.
 
     Returns:
         (N, P, 2) point coordinates ``(x, y)`` in ``[0, 1]``.
@@ -118,6 +141,7 @@ def uncertain_point_coords_with_randomness(
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
+    generator = generator_on(device, generator)
 
     candidates = rand_points((n, num_sampled, 2), device, generator)
     if n > 0 and num_uncertain > 0:

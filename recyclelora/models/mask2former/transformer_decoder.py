@@ -1,6 +1,6 @@
 """Mask2Former's masked-attention transformer decoder (mmdet 3.x ``Mask2FormerTransformerDecoder``).
 
-Configuration reproduced (REFERENCE §2): 9 layers of 256 dims, each
+Configuration reproduced (docs/method.md §2): 9 layers of 256 dims, each
 
     query = norms[0](query + cross_attn(query + query_pos, key + key_pos, key; attn_mask))
     query = norms[1](query + self_attn(query + query_pos, query + query_pos, query))

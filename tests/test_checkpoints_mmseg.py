@@ -31,19 +31,23 @@ from recyclelora.adapters import (
     merge_recyclelora,
     save_adapters,
 )
-from recyclelora.models import build_model
-from recyclelora.models.mmseg_format import (
+from recyclelora.adapters.io import InitialFactorsUnknownError
+from recyclelora.adapters.reconstruct import (
+    ReconstructionError,
+    initial_factors_known,
+    reconstruct_initial_factors,
+)
+from recyclelora.checkpoints import (
     FACTORS_SECTION,
-    InitialFactorsUnknownError,
     MmsegCheckpointError,
     StubObject,
     export_mmseg_checkpoint,
-    initial_factors_known,
     load_mmseg_checkpoint,
-    main,
     read_mmseg_checkpoint,
-    reconstruct_initial_factors,
+    reconstruct_from_base_weights,
 )
+from recyclelora.cli.export import main
+from recyclelora.models import build_model
 
 CFG = RecycleLoRAConfig(8, 2)  # fits the tiny model (64 wide)
 # our name -> the authors' RecycleLoRALinear parameter name (docs §2b)
@@ -570,7 +574,7 @@ def test_base_weights_reconstruct_initial_factors(setup, templates, tmp_path):
     # the same after the fact, on a model loaded without base_weights
     later = fresh(templates)
     load_mmseg_checkpoint(later, path)
-    notes = reconstruct_initial_factors(later, base)
+    notes = reconstruct_from_base_weights(later, base)
     assert "16 exactly" in notes[0]
     assert_same_state(model, later)
 
@@ -623,7 +627,31 @@ def test_inspect_cli(setup, tmp_path, capsys):
     model, _, _ = setup
     path = tmp_path / "ck.pth"
     write_mmengine_checkpoint(path, authors_state(model))
-    assert main(["inspect", str(path)]) == 0
+    assert main(["--inspect", "--checkpoint", str(path)]) == 0
     out = capsys.readouterr().out
     assert "RecycleLoRA adapters on 16 layers, (r_main, r_sub) [(8, 2)]" in out
     assert "lora_alpha = 1" in out and "HistoryBuffer" in out
+
+
+def test_reconstruction_changes_nothing_unless_every_layer_agrees(setup):
+    """The adapter-level reconstruction on tensors (no file): one layer whose W0 is not the one
+    its residual came from stops it before any layer is touched."""
+    model, base, _ = setup
+    target = copy.deepcopy(model)
+    for _, layer in iter_adapted(target):
+        layer.forget_initial_factors()
+    w0 = torch.load(base, weights_only=True)
+    names = [n for n, _ in iter_adapted(target)]
+    mapping = {n: (w0[f"{n[9:]}.weight"], w0[f"{n[9:]}.bias"]) for n in names}
+    wrong = dict(mapping)
+    last = names[-1]
+    wrong[last] = (mapping[last][0] + 1e-3, mapping[last][1])
+    with pytest.raises(ReconstructionError, match=last.replace(".", r"\.")):
+        reconstruct_initial_factors(target, wrong)
+    assert not any(layer.initial_factors_known for _, layer in iter_adapted(target))
+    notes = reconstruct_initial_factors(target, mapping, source="the test's base")
+    assert len(notes) == 1 and notes[0].startswith(
+        f"initial factors reconstructed from the test's base for {len(names)} layers: "
+        f"{len(names)} exactly"
+    )
+    assert_same_state(model, target)
