@@ -61,10 +61,15 @@ def test_errors_are_one_line_with_exit_code_2(run, tmp_path, capsys):
     cases = [
         ["--checkpoint", str(tmp_path / "missing.pth"), "--mmseg", str(tmp_path / "o.pth")],
         ["--checkpoint", str(tmp_path), "--inspect"],
-        ["--checkpoint", str(path)],
+        ["--checkpoint", str(path), "--mmseg", str(tmp_path / "o.pth"), "--trt"],
         ["--checkpoint", str(path), "--inspect", "--merged"],
     ]
-    expected = ["missing.pth", "is a directory", "nothing to do", "--merged applies to --mmseg"]
+    expected = [
+        "missing.pth",
+        "is a directory",
+        "apply to the export",
+        "--merged applies to --mmseg",
+    ]
     for argv, text in zip(cases, expected, strict=True):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

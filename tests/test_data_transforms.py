@@ -24,9 +24,9 @@ from recyclelora.data import (
 from recyclelora.data.transforms import (
     TRAIN_SHORT_EDGES,
     crop_bbox,
-    rescale_size,
     shortest_edge_size,
 )
+from recyclelora.geometry import rescale_size
 
 from . import fake_datasets as F
 

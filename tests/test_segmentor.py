@@ -15,9 +15,10 @@ from torch import nn
 import recyclelora
 from recyclelora import RecycleLoRAConfig, build_model, build_param_groups, merge_recyclelora
 from recyclelora.adapters import iter_adapted
+from recyclelora.geometry import slide_windows
 from recyclelora.models import Segmentor
 from recyclelora.models.mask2former import MSDeformAttn
-from recyclelora.models.segmentor import IMAGENET_MEAN, IMAGENET_STD, slide_windows
+from recyclelora.models.segmentor import IMAGENET_MEAN, IMAGENET_STD
 
 VITL_PARAMS = 304_199_680  # DINOv2 ViT-L at 512/16 (tests/test_dinov2.py)
 HEAD_PARAMS = 20_565_204  # tests/test_head.py derives it by hand

@@ -1,24 +1,38 @@
-"""``recyclelora-export``: convert a checkpoint, or say what it holds.
+"""``recyclelora-export`` (also ``python export/merge_and_export.py``): ship a trained model.
 
-    recyclelora-export --mmseg OUT.pth                  # newest checkpoint under runs/
-    recyclelora-export --checkpoint iter_40000.pth --mmseg OUT.pth --merged
+    recyclelora-export                                  # newest checkpoint under runs/
+    recyclelora-export --checkpoint iter_40000.pth --out exports/g2cbm [--trt --precision fp16]
+    recyclelora-export --from-export exports/g2cbm --trt --precision fp16   # on the GPU machine
+    recyclelora-export --checkpoint iter_40000.pth --mmseg OUT.pth [--merged]
     recyclelora-export --checkpoint g2cbm_iter_40000.pth --inspect
 
-``--checkpoint`` is anything :func:`recyclelora.load_model` opens: a training checkpoint, or an
-mmseg-format file (the authors' release, or ours). ``--mmseg`` writes the model in the authors'
-mmseg 1.x layout (``--merged``: adapters folded in, plain DINOv2 keys).
+By default it writes an export directory (``exports/<run>-iter<N>/``): the merged weights
+(``model.safetensors``), ``model.onnx``, ``model.json`` and ``export_report.json`` with every
+check's figures. ``--checkpoint`` is anything :func:`recyclelora.load_model` opens: a training
+checkpoint, or an mmseg-format file (the authors' release, or ours). ``--mmseg`` writes the model
+in the authors' mmseg 1.x layout instead (``--merged``: adapters folded in, plain DINOv2 keys).
+Exit codes: 0 done, 2 bad input (nothing written), 3 written but no TensorRT engine here.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+import time
 from pathlib import Path
 
-from ..checkpoints import export_mmseg_checkpoint, inspect_checkpoint, load_model
+import numpy as np
+
+from ..checkpoints import LoadedModel, export_mmseg_checkpoint, inspect_checkpoint, load_model
 from ..checkpoints.training import newest_checkpoint
 from . import fail
 
 RUNS = Path("runs")
+EXPORTS = Path("exports")
+NO_ENGINE = 3  # exit code: the export is written, the engine must be built on a GPU machine
+DEFAULT_EVAL_SCALE = (2048, 1024)
+CHECK_IMAGES = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +51,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--inspect",
         action="store_true",
         help="print what the checkpoint holds (nothing in it is executed) and stop",
+    )
+    export = p.add_argument_group("export directory (the default action)")
+    export.add_argument(
+        "--out", type=Path, help=f"directory to write (default: {EXPORTS}/<run>-iter<N>/)"
+    )
+    export.add_argument("--force", action="store_true", help="replace an existing --out")
+    export.add_argument(
+        "--onnx",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write and check model.onnx (default: on)",
+    )
+    export.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="the graph's crop, a multiple of the patch size (default: the training crop)",
+    )
+    export.add_argument(
+        "--max-batch", type=int, default=8, help="largest batch of the graph (default: 8)"
+    )
+    engine = p.add_argument_group("TensorRT (on a machine with a CUDA GPU and tensorrt)")
+    engine.add_argument("--trt", action="store_true", help="also build a TensorRT engine")
+    engine.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp16",
+        help="engine precision, and its ONNX variant (default: fp16)",
+    )
+    engine.add_argument(
+        "--from-export",
+        type=Path,
+        metavar="DIR",
+        help="build the engine into this existing export directory (with --trt)",
     )
     mmseg = p.add_argument_group("mmseg 1.x layout")
     mmseg.add_argument("--mmseg", type=Path, metavar="OUT.pth", help="write the model there")
@@ -59,23 +108,190 @@ def _checkpoint(arg: Path | None) -> Path:
     return path
 
 
+def check_images(height: int, width: int, n: int = CHECK_IMAGES) -> np.ndarray:
+    """(n, 3, H, W) float32 street scenes of the demo generator, both domains: the checks'
+    inputs (real-looking colours, edges and textures rather than noise)."""
+    from ..data.synthetic import render_scene, stylize
+
+    rng = np.random.default_rng(0)
+    frames = [
+        stylize(render_scene(rng, height, width), rng, ("synthetic", "real")[i % 2])
+        for i in range(n)
+    ]
+    return np.stack(frames).transpose(0, 3, 1, 2).astype(np.float32)
+
+
+def _eval_scale(loaded: LoadedModel) -> tuple[int, int]:
+    """The targets' common (long, short) rescale bound, else Cityscapes' (docs/method.md §4)."""
+    from ..data.transforms import EVAL_SCALES
+    from ..recipes import DATASET_DIRS
+
+    if loaded.recipe is None:
+        return DEFAULT_EVAL_SCALE
+    scales = {EVAL_SCALES.get(DATASET_DIRS[t]) for t in loaded.recipe.data.targets}
+    return scales.pop() if len(scales) == 1 and None not in scales else DEFAULT_EVAL_SCALE
+
+
+def _geometry(loaded: LoadedModel, input_size: list[int] | None):
+    """(input size, crop, stride): the training crop by default; the recipe's evaluation stride
+    where its crop is the graph's, else two thirds of the crop (mmseg's 341 for 512)."""
+    model = loaded.model
+    if input_size is None:
+        crop = loaded.recipe.data.crop if loaded.recipe is not None else None
+        size = (crop, crop) if crop else tuple(int(s) for s in model.backbone.img_size)
+    else:
+        size = (int(input_size[0]), int(input_size[1]))
+    ev = loaded.recipe.eval if loaded.recipe is not None else None
+    if ev is not None and size == (ev.crop, ev.crop):
+        stride = (ev.stride, ev.stride)
+    else:
+        stride = (max(2 * size[0] // 3, 1), max(2 * size[1] // 3, 1))
+    return size, size, stride
+
+
+def default_out(loaded: LoadedModel) -> Path:
+    """``exports/<run>-iter<N>``: the run folder (relative to runs/, joined by '-') of a
+    training checkpoint, the file's stem for other kinds."""
+    path = Path(loaded.source)
+    name = path.stem
+    if loaded.kind == "training" and path.parent.name == "checkpoints":
+        run = path.parent.parent.resolve()
+        try:
+            name = "-".join(run.relative_to(RUNS.resolve()).parts) or run.name
+        except ValueError:
+            name = run.name
+    return EXPORTS / (name if loaded.iteration is None else f"{name}-iter{loaded.iteration}")
+
+
+def _tensorrt_missing() -> str | None:
+    """Why this machine cannot build an engine, or None."""
+    from ..deploy.tensorrt import trt_available
+
+    ok, why = trt_available()
+    return None if ok else why
+
+
+def _no_engine_message(out: Path, precision: str, why: str, max_batch: int, size) -> str:
+    from ..deploy.tensorrt import trtexec_command
+
+    again = shlex.join(
+        [
+            "python",
+            "export/merge_and_export.py",
+            "--from-export",
+            str(out),
+            "--trt",
+            "--precision",
+            precision,
+        ]
+    )
+    trtexec = trtexec_command(
+        out,
+        precision,
+        gpu_name="GPU",
+        trt_version="VERSION",
+        input_size=size,
+        max_batch=max_batch,
+    )
+    variant = (
+        "" if precision == "fp32" else f" (after the line above writes model.{precision}.onnx)"
+    )
+    return (
+        f"no TensorRT engine was built: {why}. Everything else is in {out}. On the GPU machine, "
+        f"with the directory copied there, run:\n  {again}\nor, with trtexec{variant}:\n"
+        f"  {trtexec}"
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..data.labels import CLASS_NAMES, palette
+    from ..deploy.export import ExportRequest, add_engine, export_directory
+
+    start = time.perf_counter()
+    path = _checkpoint(args.checkpoint)
+    loaded = load_model(path)
+    print(f"load: {time.perf_counter() - start:.1f} s, {str(loaded).splitlines()[0]}")
+    size, crop, stride = _geometry(loaded, args.input_size)
+    out = args.out if args.out is not None else default_out(loaded)
+    request = ExportRequest(
+        out=out,
+        classes=list(CLASS_NAMES),
+        palette=palette().tolist(),
+        images=check_images(*size),
+        input_size=size,
+        crop=crop,
+        stride=stride,
+        eval_scale=_eval_scale(loaded),
+        max_batch=args.max_batch,
+        onnx=args.onnx,
+        force=args.force,
+    )
+    missing = _tensorrt_missing() if args.trt else None
+    engine = None
+    if args.trt and missing is None:
+
+        def engine(directory, manifest, report):
+            add_engine(directory, manifest, report, args.precision, request.images)
+
+    export_directory(loaded, request, engine=engine)
+    if missing is not None:
+        print(
+            _no_engine_message(out, args.precision, missing, args.max_batch, size), file=sys.stderr
+        )
+        return NO_ENGINE
+    return 0
+
+
+def _from_export(args: argparse.Namespace) -> int:
+    from ..deploy.export import engine_into_export
+    from ..deploy.manifest import Manifest
+
+    manifest = Manifest.read(args.from_export)
+    missing = _tensorrt_missing()
+    if missing is not None:
+        size = manifest.input_size
+        print(
+            _no_engine_message(args.from_export, args.precision, missing, manifest.max_batch, size),
+            file=sys.stderr,
+        )
+        return NO_ENGINE
+    engine_into_export(args.from_export, args.precision, check_images(*manifest.input_size))
+    return 0
+
+
+def _usage_error(args: argparse.Namespace) -> str | None:
+    if args.merged and args.mmseg is None:
+        return "--merged applies to --mmseg"
+    if (args.mmseg is not None or args.inspect) and (args.trt or args.out or args.from_export):
+        return "--out, --trt and --from-export apply to the export directory, not --mmseg/--inspect"
+    if args.from_export is not None and not args.trt:
+        return "--from-export builds a TensorRT engine: add --trt"
+    if args.from_export is not None and args.checkpoint is not None:
+        return "--from-export takes the weights from the export directory: drop --checkpoint"
+    if args.trt and not args.onnx:
+        return "--trt builds the engine from model.onnx: drop --no-onnx"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.inspect and args.mmseg is None:
-        return fail("nothing to do: pass --mmseg OUT.pth or --inspect")
-    if args.merged and args.mmseg is None:
-        return fail("--merged applies to --mmseg")
+    usage = _usage_error(args)
+    if usage is not None:
+        return fail(usage)
     try:
-        path = _checkpoint(args.checkpoint)
+        if args.from_export is not None:
+            return _from_export(args)
         if args.inspect:
-            print(inspect_checkpoint(path))
+            print(inspect_checkpoint(_checkpoint(args.checkpoint)))
             return 0
-        loaded = load_model(path)
+        if args.mmseg is None:
+            return _export(args)
+        loaded = load_model(_checkpoint(args.checkpoint))
         print(loaded)
         out = export_mmseg_checkpoint(
             loaded.model, args.mmseg, adapter_keys="merged" if args.merged else "recyclelora"
         )
     except (OSError, ValueError) as e:
-        return fail(str(e).splitlines()[0])
+        return fail(" ".join(str(e).split()))
     print(f"wrote {out}")
     return 0

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from ..geometry import rescale_size
 from .labels import IGNORE_INDEX
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "TrainTransform",
     "crop_bbox",
     "pad_pair",
-    "rescale_size",
     "resize_pair",
     "shortest_edge_size",
 ]
@@ -53,13 +53,6 @@ EVAL_SCALES: dict[str, tuple[int, int]] = {  # (long, short) bounds, docs/method
     "bdd100k": (1280, 720),
     "mapillary": (2048, 1024),
 }
-
-
-def rescale_size(hw: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
-    """mmcv ``rescale_size``: largest (h, w) with long edge <= max(scale), short <= min(scale)."""
-    h, w = hw
-    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
 
 
 def shortest_edge_size(hw: tuple[int, int], short_edge: int, max_size: int) -> tuple[int, int]:

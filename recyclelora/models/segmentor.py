@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import RecycleLoRAConfig, apply_recyclelora
+from ..geometry import slide_windows
 from .dinov2 import DinoVisionTransformer, dinov2_tiny, dinov2_vitl
 from .dinov2_weights import load_dinov2_weights
 from .mask2former.head import Mask2FormerHead
@@ -42,7 +43,6 @@ __all__ = [
     "PRESETS",
     "Segmentor",
     "build_model",
-    "slide_windows",
 ]
 
 #: docs/method.md §2: RGB mean and std on 0-255.
@@ -50,38 +50,6 @@ IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
 _DEFAULT_ADAPTERS = RecycleLoRAConfig(32, 4)
-
-
-def _pair(x: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(x, int):
-        return (x, x)
-    a, b = x
-    return (int(a), int(b))
-
-
-def slide_windows(
-    height: int, width: int, crop: int | Sequence[int], stride: int | Sequence[int]
-) -> list[tuple[int, int, int, int]]:
-    """mmseg ``slide_inference`` windows ``(y1, y2, x1, x2)`` over a ``height x width`` image.
-
-    ``grids = max(size - crop + stride - 1, 0) // stride + 1`` per axis; window ``i`` starts at
-    ``i * stride``, ends at ``min(start + crop, size)`` and is then shifted back to start at
-    ``max(end - crop, 0)``: every window is ``crop`` wide unless the image is smaller, the last one
-    ends on the border. Row-major order.
-    """
-    h_crop, w_crop = _pair(crop)
-    h_stride, w_stride = _pair(stride)
-    if min(h_crop, w_crop, h_stride, w_stride) <= 0:
-        raise ValueError(f"crop {crop} and stride {stride} must be positive")
-    h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
-    windows = []
-    for h_idx in range(h_grids):
-        for w_idx in range(w_grids):
-            y2 = min(h_idx * h_stride + h_crop, height)
-            x2 = min(w_idx * w_stride + w_crop, width)
-            windows.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
-    return windows
 
 
 class Segmentor(nn.Module):
@@ -205,8 +173,9 @@ class Segmentor(nn.Module):
     ) -> Tensor:
         """mmseg ``EncoderDecoder.slide_inference`` on normalised images -> (B, K, H, W).
 
-        Each window (see :func:`slide_windows`) is decoded on its own (scores at the window's
-        size); the scores are summed into place and divided by how many windows cover each pixel.
+        Each window (see :func:`recyclelora.geometry.slide_windows`) is decoded on its own (scores
+        at the window's size); the scores are summed into place and divided by how many windows
+        cover each pixel.
         """
         b, _, h, w = x.shape
         preds = x.new_zeros((b, self.num_classes, h, w))

@@ -1,0 +1,103 @@
+"""The two backends that run anywhere: PyTorch on the merged weights, and ONNX Runtime.
+
+Both implement :class:`~recyclelora.deploy.runner.Runner` (crops of the export's
+``input_size`` in, class scores out). torch, safetensors and onnxruntime are imported inside the
+constructors, so a serving image needs only the backend it runs. TensorRT lives in
+:mod:`recyclelora.deploy.tensorrt`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import Manifest
+from .runner import Runner
+
+#: ONNX Runtime execution providers, fastest first; the session falls back along this list.
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class TorchRunner(Runner):
+    """``build_model(preset, adapters=None, deform_attn_impl="gather")`` with the merged weights
+    of ``model.safetensors`` loaded strictly; eval mode, no autograd. The gather sampler is the
+    one the ONNX graph was traced with, so both backends compute the same thing."""
+
+    name = "torch"
+
+    def __init__(self, weights: str | Path, manifest: Manifest, device: str | None = None) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from ..models import build_model
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        model = build_model(
+            manifest.preset,
+            num_classes=manifest.num_classes,
+            adapters=None,
+            img_size=tuple(manifest.train_size),
+            deform_attn_impl="gather",
+        )
+        model.load_state_dict(load_file(str(weights)), strict=True)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        super().__init__(
+            manifest.input_size, manifest.max_batch, manifest.num_classes, f"torch {self.device}"
+        )
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(batch).to(self.device))
+        return logits.float().cpu().numpy()
+
+
+def available_providers() -> list[str]:
+    """The providers of :data:`PROVIDER_ORDER` that this onnxruntime build offers, in order."""
+    import onnxruntime
+
+    offered = set(onnxruntime.get_available_providers())
+    return [p for p in PROVIDER_ORDER if p in offered]
+
+
+class OnnxRuntimeRunner(Runner):
+    """``onnxruntime.InferenceSession`` on ``model.onnx`` (input ``images``, output ``logits``).
+
+    providers: default every provider of :data:`PROVIDER_ORDER` this build offers (the session
+    uses the first that accepts the graph). threads: intra-op threads; None leaves ORT's default
+    (one per physical core).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        graph: str | Path,
+        manifest: Manifest,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        self.session = onnxruntime.InferenceSession(
+            str(graph), options, providers=list(providers or available_providers())
+        )
+        self.provider = self.session.get_providers()[0]
+        super().__init__(
+            manifest.input_size,
+            manifest.max_batch,
+            manifest.num_classes,
+            f"onnxruntime {self.provider}",
+        )
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run(["logits"], {"images": batch})
+        return np.asarray(logits, dtype=np.float32)
