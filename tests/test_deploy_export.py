@@ -188,6 +188,9 @@ def test_manifest_describes_the_deployment(exported):
 
         verify_artefact(out, m, name)
     assert {"torch", "onnx", "onnxruntime"} <= set(m.versions)
+    # one permission for every file (safetensors alone would write its file private)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes
 
 
 def test_structure_check_sees_an_extra_adapter_branch():

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import temporary_sibling, write_text
-from .manifest import ONNX, REPORT, WEIGHTS, ExportError, Manifest
+from .manifest import MANIFEST, ONNX, REPORT, WEIGHTS, ExportError, Manifest
 
 MERGE_LIMIT = 1e-5
 ONNX_LIMIT = 1e-4
@@ -234,7 +234,14 @@ def versions() -> dict[str, str]:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory to ``out`` (replacing an old export)."""
+    """Rename the finished temporary directory to ``out`` (replacing an old export).
+
+    Its files get the permissions of the manifest (the user's umask): some writers create
+    private files, and a serving process may run as another user.
+    """
+    for f in tmp.iterdir():
+        if f.is_file():
+            shutil.copymode(tmp / MANIFEST, f)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
