@@ -55,9 +55,9 @@ def trained_tiny(img_size: int = CROP) -> torch.nn.Module:
     return model.eval()
 
 
-def make_run(work: Path) -> tuple[torch.nn.Module, Recipe, Path]:
-    """(model, recipe, training checkpoint path) as training/train.py would leave them."""
-    recipe = replace(
+def tiny_recipe(work: Path) -> Recipe:
+    """The syn2real recipe on the tiny preset at a small crop, writing into ``work``."""
+    return replace(
         RECIPES["syn2real"],
         model="tiny",
         adapters=CFG,
@@ -65,6 +65,11 @@ def make_run(work: Path) -> tuple[torch.nn.Module, Recipe, Path]:
         data=DataConfig(crop=CROP, workers=0),
         work_dir=str(work),
     )
+
+
+def make_run(work: Path) -> tuple[torch.nn.Module, Recipe, Path]:
+    """(model, recipe, training checkpoint path) as training/train.py would leave them."""
+    recipe = tiny_recipe(work)
     model = trained_tiny()
     state = {
         "iteration": 7,

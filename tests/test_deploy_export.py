@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,9 +23,9 @@ from recyclelora.deploy import Manifest
 from recyclelora.deploy import export as exporter
 from recyclelora.deploy.onnx_graph import TENSORRT_OPS, base_graph_facts, graph_facts
 from recyclelora.models import build_model
-from recyclelora.recipes import RECIPES, DataConfig, to_dict
+from recyclelora.recipes import to_dict
 
-from .test_checkpoints_loader import trained_tiny
+from .test_checkpoints_loader import tiny_recipe, trained_tiny
 from .test_checkpoints_mmseg import CFG, authors_state, write_mmengine_checkpoint
 
 CROP = 64
@@ -34,14 +33,7 @@ UNSAFE_ADVICE = ("weights_only", "safe_globals", "trust")
 
 
 def training_checkpoint(folder, iteration: int = 7):
-    recipe = replace(
-        RECIPES["syn2real"],
-        model="tiny",
-        adapters=CFG,
-        backbone_weights="",
-        data=DataConfig(crop=CROP, workers=0),
-        work_dir=str(folder),
-    )
+    recipe = tiny_recipe(folder)
     model = trained_tiny(CROP)
     with torch.no_grad():  # LayerScale at its 1e-5 init would hide the adapters' contribution
         for name, p in model.backbone.named_parameters():
