@@ -16,18 +16,10 @@ from scipy.optimize import linear_sum_assignment
 from recyclelora.models.mask2former.losses import Mask2FormerLoss
 from recyclelora.models.mask2former.matcher import HungarianMatcher
 
+from .test_matcher_losses import pixel_centres
+
 SIDE = 112  # 112 * 112 = 12,544 points, the recipe's count
 LOW_PRECISION = [torch.bfloat16, torch.float16]
-
-
-def pixel_centres(h: int, w: int) -> torch.Tensor:
-    """(h*w, 2) points (x, y) at the pixel centres of an h x w grid: sampling reads pixels."""
-    ys, xs = torch.meshgrid(
-        (torch.arange(h, dtype=torch.float64) + 0.5) / h,
-        (torch.arange(w, dtype=torch.float64) + 0.5) / w,
-        indexing="ij",
-    )
-    return torch.stack([xs.flatten(), ys.flatten()], dim=-1).float()
 
 
 def mask_cost64(x: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -121,19 +121,26 @@ def test_resume_is_bit_exact_and_survives_a_killed_write(tmp_path, demo_data):
     assert_same(final_state(tmp_path / "killed", 6), final_state(tmp_path / "full", 6))
 
 
-def test_non_finite_loss_stops_with_a_clear_message(tmp_path, demo_data, monkeypatch):
-    """log_interval 1: the check runs after every iteration, so the bad one is the last."""
+def nan_loss_at_call(monkeypatch, n: int, combine) -> dict[str, int]:
+    """Make the ``n``-th ``Segmentor.loss`` call return ``combine(loss, nan)`` as its total;
+    returns the call counter."""
     real_loss = Segmentor.loss
     calls = {"n": 0}
 
     def flaky(self, *args, **kwargs):
         out = real_loss(self, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3:
-            out["loss"] = out["loss"] * float("nan")
+        if calls["n"] == n:
+            out["loss"] = combine(out["loss"], torch.tensor(float("nan")))
         return out
 
     monkeypatch.setattr(Segmentor, "loss", flaky)
+    return calls
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, demo_data, monkeypatch):
+    """log_interval 1: the check runs after every iteration, so the bad one is the last."""
+    nan_loss_at_call(monkeypatch, 3, lambda loss, nan: loss * nan)
     with pytest.raises(NonFiniteLoss, match=r"iteration 3 .*iter_2\.pth.*--train\.lr"):
         train(tiny_recipe(tmp_path), distributed.Context(), *datasets(demo_data))
     assert (tmp_path / "checkpoints" / "iter_2.pth").is_file()
@@ -158,16 +165,11 @@ def test_non_finite_loss_is_found_at_the_next_check(
     iteration 4's), and iteration 4 is never saved. ``loss + nan`` keeps the gradients finite, so
     iteration 4 runs; ``loss * nan`` makes the parameters NaN, so iteration 4's matching meets
     non-finite predictions and the check runs right then."""
-    real_loss = Segmentor.loss
-    calls = {"n": 0}
-
-    def flaky(self, *args, **kwargs):
-        out = real_loss(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            nan = torch.tensor(float("nan"))
-            out["loss"] = out["loss"] * nan if corrupts_parameters else out["loss"] + nan
-        return out
+    calls = nan_loss_at_call(
+        monkeypatch,
+        3,
+        (lambda loss, nan: loss * nan) if corrupts_parameters else (lambda loss, nan: loss + nan),
+    )
 
     recipe = replace(
         tiny_recipe(tmp_path), train=replace(tiny_recipe(tmp_path).train, log_interval=4)
@@ -175,7 +177,6 @@ def test_non_finite_loss_is_found_at_the_next_check(
     train_set, targets = datasets(demo_data)
     third, fourth = batch_paths(recipe, train_set, 4)[2:]
     assert third != fourth
-    monkeypatch.setattr(Segmentor, "loss", flaky)
     with pytest.raises(NonFiniteLoss, match=r"iteration 3 \(loss nan.*iter_2\.pth") as e:
         train(recipe, distributed.Context(), train_set, targets)
     assert str(e.value).endswith(", ".join(third))
