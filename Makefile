@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test lint venv mutation
+.PHONY: demo test lint venv mutation serve
 venv: $(VENV_STAMP)
 
 $(VENV_STAMP): pyproject.toml constraints.txt
@@ -16,6 +16,10 @@ $(VENV_STAMP): pyproject.toml constraints.txt
 
 demo: $(VENV_STAMP)
 	$(PY) training/train.py syn2real --demo
+
+# The BentoML service over the newest export under exports/ (RECYCLELORA_EXPORT to choose).
+serve: $(VENV_STAMP)
+	BENTOML_DO_NOT_TRACK=True .venv/bin/bentoml serve
 
 test: $(VENV_STAMP)
 	$(PY) -m ruff check .

@@ -25,8 +25,6 @@ from recyclelora import load_model, merge_recyclelora
 from recyclelora.checkpoints import save_checkpoint
 from recyclelora.cli import evaluate as cli_evaluate
 from recyclelora.data import CLASS_NAMES, EvalTransform, palette
-from recyclelora.data.convert import convert
-from recyclelora.data.synthetic import write_demo_datasets
 from recyclelora.data.transforms import EVAL_SCALES
 from recyclelora.deploy import ExportError, Manifest, load_export, predict_scores, segment
 from recyclelora.deploy.manifest import ONNX, WEIGHTS
@@ -127,13 +125,9 @@ def write_export(checkpoint: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(demo_run):
     """(training checkpoint, its export directory, the synthetic data root)."""
-    root = tmp_path_factory.mktemp("deploy_runtime")
-    roots = write_demo_datasets(root / "data", n_source=1, n_target=1, size=(96, 192), seed=3)
-    convert("cityscapes", roots["cityscapes"])
-    checkpoint = write_checkpoint(root / "run", root / "data")
-    return checkpoint, write_export(checkpoint, root / "export"), root / "data"
+    return demo_run
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,14 @@ def test_the_deployment_package_imports_without_torch():
     assert not {"torch", "onnx", "onnxruntime", "tensorrt"} & loaded
 
 
+def test_the_serving_parts_import_without_torch():
+    """The HTTP front decodes and encodes frames: no model framework in its process."""
+    modules = "drain, errors, guards, images, remote, render, settings"
+    loaded = _modules_after(f"from recyclelora.serving import {modules}")
+    assert "recyclelora.serving.images" in loaded
+    assert not {"torch", "onnx", "onnxruntime", "tensorrt", "bentoml"} & loaded
+
+
 def test_public_names_resolve_lazily_and_completely():
     for name in recyclelora.__all__:
         assert getattr(recyclelora, name) is not None
