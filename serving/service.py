@@ -50,7 +50,7 @@ from recyclelora.serving.remote import RemoteRunner
 from recyclelora.serving.render import blend, class_fractions, coco_rle
 from recyclelora.serving.settings import Settings
 
-log = logging.getLogger("recyclelora.serving")
+log = logging.getLogger("bentoml.recyclelora")  # BentoML shows its own loggers' records
 
 # Set in the process manager, which imports this module before it makes sockets and workers
 # (they inherit the environment): the model process listens on loopback TCP, whose socket

@@ -174,6 +174,28 @@ def test_health_metrics_and_openapi(server):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
 
 
+def batching_totals(server) -> tuple[float, float]:
+    """(crops, batches) the model process has run through its batchable API so far."""
+    metrics = httpx.get(server.url + "/metrics").text
+    total = {}
+    for part in ("sum", "count"):
+        pattern = rf'adaptive_batch_size_{part}\{{[^}}]*method_name="predict_crops"[^}}]*\}} (\S+)'
+        total[part] = sum(float(v) for v in re.findall(pattern, metrics))
+    return total["sum"], total["count"]
+
+
+def test_concurrent_requests_share_batches(server):
+    crops0, batches0 = batching_totals(server)
+    with cf.ThreadPoolExecutor(12) as pool:  # whole mode: one crop per request
+        codes = list(
+            pool.map(lambda _: post(server, "/segment", params={"mode": "whole"}), range(24))
+        )
+    assert all(r.status_code == 200 for r in codes)
+    crops, batches = batching_totals(server)
+    assert crops - crops0 == 24
+    assert batches - batches0 < 24  # some crops of different requests ran as one batch
+
+
 # ---------------------------------------------------------------------------------------------
 # the bad-input table: each a 4xx JSON error saying what was wrong, then a good request
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +389,31 @@ def test_api_key(demo_export, tmp_path):
         good = {"Authorization": "Bearer k-123"}
         assert post(s, "/segment", headers=good).status_code == 200
         assert httpx.get(s.url + "/metadata", headers=good).status_code == 200
+
+
+def test_bentoml_build_packs_the_service_and_the_export(demo_export, tmp_path):
+    project = tmp_path / "project"  # what `bentoml build` sees in the repository root
+    project.mkdir()
+    for name in ("serving", "recyclelora"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "bentofile.yaml", project)
+    shutil.copytree(demo_export, project / "exports" / "demo")
+    env = server_env(Path(""), tmp_path / "home")
+    del env["RECYCLELORA_EXPORT"]
+    r = subprocess.run(
+        [str(BENTOML), "build"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    bentos = list((tmp_path / "home" / "bentos" / "recyclelora").glob("*/bento.yaml"))
+    assert len(bentos) == 1
+    src = bentos[0].parent / "src"
+    assert (src / "serving" / "service.py").is_file()
+    assert (src / "recyclelora" / "serving" / "images.py").is_file()
+    assert (src / "exports" / "demo" / "model.json").read_bytes() == (
+        demo_export / "model.json"
+    ).read_bytes()
+    spec = (bentos[0].parent / "apis" / "openapi.yaml").read_text()
+    assert "/segment_json" in spec
 
 
 def test_start_up_without_an_export_says_how_to_make_one(tmp_path):
