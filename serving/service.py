@@ -81,6 +81,9 @@ def _version(package: str) -> str | None:
     threads=1,  # one batch at a time: batching, not threads, is how it keeps up
     resources={"gpu": 1} if SETTINGS.gpu else {},
     traffic={"timeout": TIMEOUT_S},
+    # the front's client of this service would otherwise replace its connection pool every 100
+    # calls or 5 minutes, failing the calls still in flight on the old one (BentoML 1.4.39)
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class SegmentationModel:
     """The export on its backend; ready once loaded and warmed up (the first request is not
