@@ -4,15 +4,16 @@
 Images are procedural street scenes with sensor noise (PNG decoding cost depends on how well an
 image compresses; noise makes them GTAV-like rather than flat). Prints a table, writes JSON.
 
-    python benchmarks/bench_data.py [--images 16] [--batches 12] [--out benchmarks/out/data.json]
+    python benchmarks/bench_data.py [--images 16] [--batches 12] [--out benchmarks/out]  # data.json
+    python benchmarks/bench_data.py --quick         # 4 images, 2 batches: a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +22,13 @@ import cv2
 import numpy as np
 import torch
 
-from recyclelora.data import TrainSet, build_loader, build_train_sampler
-from recyclelora.data.datasets import GTAV
-from recyclelora.data.synthetic import label_ids, render_scene, stylize
-from recyclelora.data.transforms import TrainTransform
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import markdown_table, write_json  # noqa: E402
+
+from recyclelora.data import TrainSet, build_loader, build_train_sampler  # noqa: E402
+from recyclelora.data.datasets import GTAV  # noqa: E402
+from recyclelora.data.synthetic import label_ids, render_scene, stylize  # noqa: E402
+from recyclelora.data.transforms import TrainTransform  # noqa: E402
 
 GTAV_HW = (1052, 1914)
 
@@ -51,10 +55,13 @@ def per_sample(fn, n: int) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--images", type=int, default=16)
-    p.add_argument("--batches", type=int, default=12, help="batches of 4 per loader variant")
-    p.add_argument("--out", default="benchmarks/out/data.json")
+    p.add_argument("--quick", action="store_true", help="4 images, 2 batches per loader")
+    p.add_argument("--images", type=int, help="GTAV-size files (default 16)")
+    p.add_argument("--batches", type=int, help="batches of 4 per loader variant (default 12)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="folder for the JSON")
     args = p.parse_args()
+    args.images = args.images or (4 if args.quick else 16)
+    args.batches = args.batches or (2 if args.quick else 12)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "gta"
@@ -95,11 +102,10 @@ def main() -> None:
                     "images_per_s": 4 * args.batches / dt,
                 }
             )
-    print(f"{'variant':<38}{'ms / image':>12}{'images / s':>12}")
-    for r in rows:
-        print(f"{r['variant']:<38}{r['median_ms_per_image']:>12.1f}{r['images_per_s']:>12.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    table = [
+        [r["variant"], f"{r['median_ms_per_image']:.1f}", f"{r['images_per_s']:.1f}"] for r in rows
+    ]
+    print(markdown_table(["variant", "ms / image", "images / s"], table))
     meta = {
         "image_hw": GTAV_HW,
         "cpu_cores": torch.get_num_threads(),
@@ -107,8 +113,7 @@ def main() -> None:
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out / 'data.json', {'meta': meta, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
 """Export the paper's model (random weights) to ONNX and run one 512x512 crop through ONNX
 Runtime on the CPU against PyTorch: export time, inference times, peak memory, agreement.
 
-    python benchmarks/bench_export_large.py [--out large.onnx] [--json out.json]
+    python benchmarks/bench_export_large.py [--graph large.onnx] [--out benchmarks/out]
+    python benchmarks/bench_export_large.py --quick     # the tiny preset at 128 x 128
 
-Not run in CI: it needs several GB of memory and minutes of CPU.
+The full run needs several GB of memory and minutes of CPU. Writes ``OUT/export_large.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recyclelora.deploy.export import onnxruntime_logits, runtime_check
-from recyclelora.deploy.onnx_graph import export_onnx, graph_facts
-from recyclelora.models import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import markdown_table, write_json  # noqa: E402
+
+from recyclelora.deploy.export import onnxruntime_logits, runtime_check  # noqa: E402
+from recyclelora.deploy.onnx_graph import export_onnx, graph_facts  # noqa: E402
+from recyclelora.models import build_model  # noqa: E402
 
 
 def peak_gib() -> float:
@@ -31,19 +35,24 @@ def peak_gib() -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path, help="where to keep the graph (default: a temporary)")
-    p.add_argument("--json", type=Path, default=Path("benchmarks/out/export_large.json"))
+    p.add_argument("--quick", action="store_true", help="the tiny preset at 128 x 128")
+    p.add_argument("--graph", type=Path, help="where to keep the graph (default: a temporary)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="folder for the JSON")
     args = p.parse_args()
-    result: dict = {"device": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    preset, size = ("tiny", 128) if args.quick else ("dinov2_large_mask2former", 512)
+    result: dict = {
+        "device": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "preset": preset,
+        "size": size,
+    }
     torch.manual_seed(0)
-    model = build_model(
-        "dinov2_large_mask2former", adapters=None, deform_attn_impl="gather", img_size=512
-    ).eval()
-    images = np.random.default_rng(0).uniform(0, 255, (1, 3, 512, 512)).astype(np.float32)
+    model = build_model(preset, adapters=None, deform_attn_impl="gather", img_size=size).eval()
+    images = np.random.default_rng(0).uniform(0, 255, (1, 3, size, size)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.out or Path(tmp) / "large.onnx"
+        path = args.graph or Path(tmp) / f"{preset}.onnx"
         start = time.perf_counter()
-        export_onnx(model, path, (512, 512), max_batch=8)
+        export_onnx(model, path, (size, size), max_batch=8)
         result["export_s"] = time.perf_counter() - start
         result["export_peak_gib"] = peak_gib()
         facts = graph_facts(path)
@@ -70,11 +79,8 @@ def main() -> None:
         ("argmax agreement", f"{result['agreement']['argmax_agreement']:.4%}"),
         ("peak memory", f"{result['peak_gib']:.1f} GiB"),
     ]
-    print("| large preset, 512 x 512 | |\n|---|---|")
-    print("\n".join(f"| {k} | {v} |" for k, v in rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json}")
+    print(markdown_table([f"{preset}, {size} x {size}", ""], rows, "ll"))
+    print(f"wrote {write_json(args.out / 'export_large.json', result)}")
 
 
 if __name__ == "__main__":

@@ -6,15 +6,16 @@ float32 and in float64. Variants run interleaved, layer by layer, so machine loa
 alike. Weights are random with DINOv2-L shapes (the time does not depend on their values).
 Prints a table and writes JSON.
 
-    python benchmarks/bench_rrqr_init.py [--blocks 24] [--out benchmarks/out/rrqr_init.json]
+    python benchmarks/bench_rrqr_init.py [--blocks 24] [--out benchmarks/out]   # -> rrqr_init.json
+    python benchmarks/bench_rrqr_init.py --quick    # one block at a quarter of the width
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from recyclelora import RecycleLoRAConfig, RecycleLoRALinear
-from recyclelora.adapters.init import rrqr_factors
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import markdown_table, write_json  # noqa: E402
+
+from recyclelora import RecycleLoRAConfig, RecycleLoRALinear  # noqa: E402
+from recyclelora.adapters.init import rrqr_factors  # noqa: E402
 
 SHAPES = {"attn.qkv": (3072, 1024), "attn.proj": (1024, 1024), "mlp.fc1": (4096, 1024)}
 SHAPES["mlp.fc2"] = (1024, 4096)
@@ -46,11 +50,16 @@ def init_twice(linear: nn.Linear, cfg: RecycleLoRAConfig) -> RecycleLoRALinear:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--blocks", type=int, default=24, help="DINOv2-L blocks (24 = all 96 layers)")
+    p.add_argument("--quick", action="store_true", help="1 block, shapes at a quarter width")
+    p.add_argument("--blocks", type=int, help="DINOv2-L blocks (default 24 = all 96 layers)")
+    p.add_argument("--width", type=int, help="model width (default 1024, DINOv2-L's)")
     p.add_argument("--main-rank", type=int, default=32)
     p.add_argument("--sub-rank", type=int, default=4)
-    p.add_argument("--out", default="benchmarks/out/rrqr_init.json")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="folder for the JSON")
     args = p.parse_args()
+    args.blocks = args.blocks or (1 if args.quick else 24)
+    args.width = args.width or (256 if args.quick else 1024)
+    shapes = [(d * args.width // 1024, k * args.width // 1024) for d, k in SHAPES.values()]
 
     cfg64 = RecycleLoRAConfig(args.main_rank, args.sub_rank, qr_dtype="float64")
     cfg32 = RecycleLoRAConfig(args.main_rank, args.sub_rank, qr_dtype="float32")
@@ -62,9 +71,9 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {v: [] for v in variants}
     torch.manual_seed(0)
-    n = args.blocks * len(SHAPES)
+    n = args.blocks * len(shapes)
     for i in range(n):
-        d, k = list(SHAPES.values())[i % len(SHAPES)]
+        d, k = shapes[i % len(shapes)]
         linear = nn.Linear(k, d)
         for name, (fn, cfg) in variants.items():
             t = time.perf_counter()
@@ -85,24 +94,27 @@ def main() -> None:
                 "median_ratio_vs_one_qr_f64": statistics.median(ratios),
             }
         )
-    print(f"{'variant':<38}{'total s':>10}{'median/layer s':>16}{'x 1 QR f64':>12}")
-    for r in rows:
-        print(
-            f"{r['variant']:<38}{r['total_s']:>10.2f}{r['median_layer_s']:>16.3f}"
-            f"{r['median_ratio_vs_one_qr_f64']:>12.2f}"
-        )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    table = [
+        [
+            r["variant"],
+            f"{r['total_s']:.2f}",
+            f"{r['median_layer_s']:.3f}",
+            f"{r['median_ratio_vs_one_qr_f64']:.2f}",
+        ]
+        for r in rows
+    ]
+    headers = ["variant", "total s", "median s / layer", "median ratio vs one QR, float64"]
+    print(markdown_table(headers, table))
     meta = {
         "layers": n,
+        "width": args.width,
         "ranks": [args.main_rank, args.sub_rank],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out / 'rrqr_init.json', {'meta': meta, 'rows': rows})}")
 
 
 if __name__ == "__main__":

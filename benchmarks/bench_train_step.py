@@ -13,14 +13,14 @@ Defaults: the large preset (DINOv2-L + Mask2Former), batch 4, 512x512 crops, bf1
     python benchmarks/bench_train_step.py                              # GPU: large, bs 4, bf16
     python benchmarks/bench_train_step.py --precision fp32             # GPU: the recipe's fp32
     python benchmarks/bench_train_step.py --preset tiny --size 128 --iters 3   # CPU smoke run
+    python benchmarks/bench_train_step.py --quick      # the same, 2 steps, 4 files, 1 worker
 
-Prints a table and writes JSON (benchmarks/out/train_step.json).
+Prints a table and writes JSON (``--out`` folder, default benchmarks/out: train_step.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -37,6 +37,7 @@ from recyclelora.engine.trainer import autocast_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import write_gtav  # noqa: E402
+from measure import markdown_table, write_json  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -68,16 +69,29 @@ def run(model, optimizer, batches, device, amp, iters: int, warmup: int) -> dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="dinov2_large_mask2former")
+    p.add_argument("--quick", action="store_true", help="tiny, 128, 2 steps, 1 worker")
+    p.add_argument("--preset", help="default dinov2_large_mask2former")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, help="crop side (default 512)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--images", type=int, default=32, help="GTAV-size files to generate")
-    p.add_argument("--out", default="benchmarks/out/train_step.json")
+    p.add_argument("--iters", type=int, help="timed steps (default 20)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 5)")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default 4)")
+    p.add_argument("--images", type=int, help="GTAV-size files to generate (default 32)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="folder for the JSON")
     args = p.parse_args()
+    quick = {"preset": "tiny", "size": 128, "iters": 2, "warmup": 1, "workers": 1, "images": 4}
+    full = {
+        "preset": "dinov2_large_mask2former",
+        "size": 512,
+        "iters": 20,
+        "warmup": 5,
+        "workers": 4,
+        "images": 32,
+    }
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = autocast_dtype(args.precision, device)
     torch.manual_seed(0)
@@ -120,20 +134,23 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     precision = args.precision if amp else "fp32"
     print(f"{args.preset}, batch {args.batch}, {args.size}x{args.size}, {precision}, {name}")
-    print(f"{'variant':<32}{'s / step':>10}{'it / s':>9}{'peak GiB':>10}")
-    for r in rows:
-        peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
-        print(f"{r['variant']:<32}{r['median_step_s']:>10.3f}{r['it_per_s']:>9.2f}{peak:>10}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    table = [
+        [
+            r["variant"],
+            f"{r['median_step_s']:.3f}",
+            f"{r['it_per_s']:.2f}",
+            "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}",
+        ]
+        for r in rows
+    ]
+    print(markdown_table(["variant", "s / step", "it / s", "peak GiB"], table))
     meta = {
-        **vars(args),
+        **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "device": name,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out / 'train_step.json', {'meta': meta, 'rows': rows})}")
 
 
 if __name__ == "__main__":
