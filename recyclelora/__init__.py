@@ -14,6 +14,7 @@ _EXPORTS = {
     "AdaptationReport": "adapters",
     "RecycleLoRAConfig": "adapters",
     "RecycleLoRALinear": "adapters",
+    "SoMAConfig": "adapters",
     "apply_recyclelora": "adapters",
     "iter_adapted": "adapters",
     "load_adapters": "adapters",

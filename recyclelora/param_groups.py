@@ -37,6 +37,24 @@ RECIPE_RULES: Mapping[str, Rule] = {
     "lora_sub_B": Rule(lr_mult=0.5, decay_mult=0.0),
 }
 
+# SoMA's custom_keys (docs/method.md §6.2): its adapters and biases fall under "backbone"
+# (lr x 0.5, decayed); the embeddings are neither scaled nor decayed.
+SOMA_RULES: Mapping[str, Rule] = {
+    "backbone": Rule(lr_mult=0.5, decay_mult=1.0),
+    "norm": Rule(decay_mult=0.0),
+    "query_embed": Rule(lr_mult=1.0, decay_mult=0.0),
+    "query_feat": Rule(lr_mult=1.0, decay_mult=0.0),
+    "level_embed": Rule(lr_mult=1.0, decay_mult=0.0),
+}
+RULES_BY_KIND: Mapping[str, Mapping[str, Rule]] = {"recyclelora": RECIPE_RULES, "soma": SOMA_RULES}
+
+
+def rules_for(kind: str) -> Mapping[str, Rule]:
+    """The rule table of the recipes of an adapter kind ("recyclelora" or "soma")."""
+    if kind not in RULES_BY_KIND:
+        raise ValueError(f"no parameter rules for adapter kind {kind!r}")
+    return RULES_BY_KIND[kind]
+
 
 def rule_for(name: str, rules: Mapping[str, Rule]) -> tuple[str | None, Rule]:
     """The first key (longest first, ties alphabetical) contained in ``name``, and its rule."""

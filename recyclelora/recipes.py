@@ -1,7 +1,8 @@
 """Named training recipes (docs/method.md §3, paper Table 8) and command-line overrides.
 
 A recipe is plain data: ``Recipe`` with nested ``data``, ``train`` and ``eval`` sections and the
-adapters' ``RecycleLoRAConfig``. Every field can be overridden as ``--section.field value``
+adapters' config (``RecycleLoRAConfig``, or ``SoMAConfig`` for the SoMA baseline: its ``kind``
+travels in the dict). Every field can be overridden as ``--section.field value``
 (tuples as comma-separated lists); the resolved recipe is printed and saved with the run, and
 :func:`from_dict` rebuilds it from the dataclass fields themselves, so no section can be left out.
 Fields typed ``Literal[...]`` only take their listed values. Invalid values raise ``ValueError``.
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .adapters import RecycleLoRAConfig
+from .adapters.config import AdapterConfig, RecycleLoRAConfig, SoMAConfig, config_class
 
 DatasetName = Literal["gtav", "synthia", "urbansyn", "cityscapes", "bdd", "mapillary"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -78,9 +79,24 @@ class TrainConfig:
     precision: Precision = "fp32"
     deterministic: bool = False  # torch.use_deterministic_algorithms on a GPU (slower)
     seed: int = 0
+    # EMA of the weights, as mmengine's ExponentialMovingAverage (SoMA's recipe, docs/method.md
+    # §6.3): after iteration ema_begin, average = (1 - m) average + m weights every iteration;
+    # validation, checkpoints' weights and the adapters file use the average
+    ema: bool = False
+    ema_momentum: float = 2e-4
+    ema_begin: int = 12_000
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        if not 0 < self.ema_momentum < 1:
+            raise ValueError(f"ema_momentum must lie in (0, 1), got {self.ema_momentum}")
+        if self.ema_begin < 0:
+            raise ValueError(f"ema_begin must be >= 0, got {self.ema_begin}")
+        if self.ema and self.ema_begin > self.iterations:
+            raise ValueError(
+                f"ema_begin {self.ema_begin} exceeds iterations {self.iterations}: the EMA would "
+                "never start; lower --train.ema_begin"
+            )
 
 
 @dataclass
@@ -99,7 +115,7 @@ class Recipe:
     name: str
     model: str = "dinov2_large_mask2former"
     backbone_weights: str = "weights/dinov2_vitl14_pretrain.pth"  # "" = random init (demo)
-    adapters: RecycleLoRAConfig = field(default_factory=RecycleLoRAConfig)
+    adapters: AdapterConfig = field(default_factory=RecycleLoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -133,9 +149,40 @@ RECIPES: dict[str, Recipe] = {
     "syn2real_sub_only": replace(_syn2real(main_rank=0), name="syn2real_sub_only"),
     "syn2real_svd": replace(_syn2real(init="svd"), name="syn2real_svd"),
     "syn2real_kaiming": replace(_syn2real(init="kaiming"), name="syn2real_kaiming"),
+    # the SoMA baseline [docs/method.md §6]: its adapters, parameter rules and EMA
+    "soma": Recipe("soma", adapters=SoMAConfig(), train=TrainConfig(ema=True)),
+    "soma_real2real": Recipe(
+        "soma_real2real",
+        adapters=SoMAConfig(),
+        data=DataConfig(sources=("cityscapes",), targets=("bdd", "mapillary")),
+        train=TrainConfig(ema=True),
+    ),
 }
 for _name, _r in RECIPES.items():
     _r.work_dir = f"runs/{_name}"
+
+
+#: DINOv2-L's depth: the block numbers of the recipes count its blocks
+FULL_DEPTH = 24
+
+
+def shrink(recipe: Recipe, iterations: int, depth: int) -> Recipe:
+    """``recipe`` for ``iterations`` on a backbone of ``depth`` blocks (the demo): what counts
+    iterations or blocks keeps its fraction of the run and of the depth — the EMA's first
+    iteration and its horizon (``1 / momentum`` iterations), SoMA's first adapted block (8 of 24
+    -> 1 of 4)."""
+    t = recipe.train
+    factor = t.iterations / iterations
+    train = replace(
+        t,
+        iterations=iterations,
+        ema_begin=round(t.ema_begin / factor),
+        ema_momentum=min(t.ema_momentum * factor, 0.5),
+    )
+    adapters = recipe.adapters
+    if isinstance(adapters, SoMAConfig):
+        adapters = replace(adapters, first_block=adapters.first_block * depth // FULL_DEPTH)
+    return replace(recipe, adapters=adapters, train=train)
 
 
 def replace_data_root(recipe: Recipe, root: str) -> Recipe:
@@ -147,7 +194,9 @@ def dataset_root(recipe: Recipe, name: str) -> Path:
 
 
 def to_dict(obj: Any) -> Any:
-    """A JSON-able nested dict of a recipe."""
+    """A JSON-able nested dict of a recipe (an adapter config with its ``kind``)."""
+    if isinstance(obj, (RecycleLoRAConfig, SoMAConfig)):
+        return {"kind": obj.kind, **{f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}}
     if is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, tuple):
@@ -238,7 +287,9 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     values = {}
     for key, value in d.items():
         kind = hints[key]
-        if is_dataclass(kind):
+        if kind == AdapterConfig:
+            values[key] = _build_adapters(value, f"{prefix}{key}.")
+        elif is_dataclass(kind):
             values[key] = _build(kind, value, f"{prefix}{key}.")
         else:
             values[key] = _leaf(kind, value, prefix + key)
@@ -246,6 +297,19 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
         return cls(**values)
     except ValueError as e:  # a section's own check: say which section
         raise ValueError(f"{prefix}{e}") from None
+
+
+def _build_adapters(d: Any, prefix: str) -> AdapterConfig:
+    """The adapter config its ``kind`` names (RecycleLoRA's when it names none)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{prefix.rstrip('.')} must be a mapping, got {d!r}")
+    rest = dict(d)
+    kind = rest.pop("kind", RecycleLoRAConfig.kind)
+    try:
+        cls = config_class(kind)
+    except ValueError as e:
+        raise ValueError(f"{prefix}kind: {e}") from None
+    return _build(cls, rest, prefix)
 
 
 def _leaf(kind: Any, value: Any, key: str) -> Any:
@@ -278,6 +342,7 @@ __all__ = [
     "apply_overrides",
     "dataset_root",
     "replace_data_root",
+    "shrink",
     "from_dict",
     "to_json",
 ]

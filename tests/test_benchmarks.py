@@ -114,10 +114,11 @@ def test_ratio_ci_refuses_unpaired_samples():
 # RESULTS.md sections
 
 
-def with_markers(text: str, names) -> str:
-    """The real RESULTS.md with one empty marker pair per benchmark appended."""
-    pairs = "\n\n".join(f"{a}\nold {n}\n{b}" for n in names for a, b in [run_all.markers(n)])
-    return f"{text}\n{pairs}\n"
+def with_old_sections(text: str, names) -> str:
+    """The real RESULTS.md with each benchmark's section body replaced by ``old NAME``."""
+    for n in names:
+        text = run_all.replace_section(text, n, f"old {n}")
+    return text
 
 
 def outside(text: str) -> str:
@@ -184,7 +185,7 @@ def quick_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     names = [n for n in run_all.BENCHMARKS if n != "serving"]  # the serving bench has its own
     results = root / "RESULTS.md"
-    results.write_text(with_markers((BENCH / "RESULTS.md").read_text(), names))
+    results.write_text(with_old_sections((BENCH / "RESULTS.md").read_text(), names))
     before = results.read_text()
     stdout = run_script(
         str(BENCH / "run_all.py"),

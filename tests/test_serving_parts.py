@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from recyclelora.data import CLASS_NAMES, palette
-from recyclelora.deploy import Manifest, load_export, segment
+from recyclelora.deploy import ExportError, Manifest, load_export, segment
 from recyclelora.serving.drain import Drain
 from recyclelora.serving.errors import RequestError
 from recyclelora.serving.guards import BearerAuth, UploadLimits
@@ -380,3 +380,57 @@ def test_segment_through_the_remote_runner_is_the_local_one(demo_export):
     broken = RemoteRunner(Manifest.read(demo_export), lambda c: local.predict_crops(c)[:, :3])
     with pytest.raises(RuntimeError, match="returned"):
         segment(broken, frame)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model process: not ready until loaded and warm
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_model_service_is_ready_only_once_warm(demo_export, monkeypatch):
+    import importlib
+
+    from bentoml.exceptions import ServiceUnavailable
+
+    monkeypatch.setenv("RECYCLELORA_EXPORT", str(demo_export))
+    service = importlib.import_module("serving.service")
+    release, warmed = threading.Event(), []
+
+    def slow_load(directory, backend):  # an engine build or a large graph: takes a while
+        release.wait(10)
+        runner = load_export(directory, backend="onnxruntime")
+        original = runner.predict_crops
+        runner.predict_crops = lambda crops: warmed.append(len(crops)) or original(crops)
+        return runner
+
+    monkeypatch.setattr(service, "load_export", slow_load)
+    model = service.SegmentationModel.inner()
+    assert not model.__is_ready__() and model.__is_alive__()
+    crops = np.zeros((1, 3, 128, 128), np.float32)
+    with pytest.raises(ServiceUnavailable, match="still loading"):
+        model.predict_crops(crops)
+    release.set()
+    assert model.ready.wait(30) and model.__is_ready__()
+    assert warmed == [1, 3]  # warmed at batch 1 and at the export's max batch
+    assert model.predict_crops(crops).shape == (1, 19, 128, 128)
+
+
+def test_a_model_that_fails_to_load_is_not_alive(demo_export, monkeypatch):
+    import importlib
+
+    from bentoml.exceptions import ServiceUnavailable
+
+    monkeypatch.setenv("RECYCLELORA_EXPORT", str(demo_export))
+    service = importlib.import_module("serving.service")
+
+    def broken(directory, backend):
+        raise ExportError("model.onnx differs from its SHA-256 in model.json")
+
+    monkeypatch.setattr(service, "load_export", broken)
+    model = service.SegmentationModel.inner()
+    deadline = time.monotonic() + 10
+    while model.__is_alive__() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not model.__is_alive__() and not model.__is_ready__()
+    with pytest.raises(ServiceUnavailable, match="failed to load: ExportError: model.onnx differs"):
+        model.predict_crops(np.zeros((1, 3, 128, 128), np.float32))

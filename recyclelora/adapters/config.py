@@ -1,9 +1,9 @@
-"""The one object that says how a model is adapted."""
+"""The one object that says how a model is adapted: RecycleLoRA's, or SoMA's (the baseline)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 InitKind = Literal["rrqr", "svd", "kaiming"]
 
@@ -26,6 +26,7 @@ class RecycleLoRAConfig:
         either way.
     """
 
+    kind: ClassVar[str] = "recyclelora"
     main_rank: int = 32
     sub_rank: int = 4
     alpha: float = 1.0
@@ -49,8 +50,78 @@ class RecycleLoRAConfig:
         return self.alpha / (self.main_rank + self.sub_rank)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> RecycleLoRAConfig:
-        return cls(**{**d, "target_modules": tuple(d.get("target_modules", cls.target_modules))})
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class SoMAConfig:
+    """SoMA's adapters, the baseline (docs/method.md §6).
+
+    One adapter per layer, initialised from the layer's ``rank`` minor singular triplets
+    (float32 SVD); a fused ``qkv`` layer gets three, one per row block (q, k, v), each from the
+    SVD of its own block. The biases of the adapted layers train too.
+
+    rank: of every adapter. alpha: the scaling is ``alpha / rank`` (16 / 16 = 1 for SoMA).
+    first_block: blocks ``0 .. first_block - 1`` carry no adapter (SoMA leaves DINOv2-L's first
+        8 untouched); a layer is in block i when the first integer in its name is i.
+    target_modules: as :class:`RecycleLoRAConfig`.
+    """
+
+    kind: ClassVar[str] = "soma"
+    init: ClassVar[str] = "soma-svd"
+    rank: int = 16
+    alpha: float = 16.0
+    first_block: int = 8
+    target_modules: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"rank must be > 0, got {self.rank}")
+        if self.first_block < 0:
+            raise ValueError(f"first_block must be >= 0, got {self.first_block}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SoMAConfig:
+        return _from_dict(cls, d)
+
+
+AdapterConfig = RecycleLoRAConfig | SoMAConfig
+CONFIG_KINDS: dict[str, type[RecycleLoRAConfig] | type[SoMAConfig]] = {
+    c.kind: c for c in (RecycleLoRAConfig, SoMAConfig)
+}
+
+
+def config_class(kind: str) -> type[RecycleLoRAConfig] | type[SoMAConfig]:
+    if kind not in CONFIG_KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}; expected one of {sorted(CONFIG_KINDS)}")
+    return CONFIG_KINDS[kind]
+
+
+def config_from_dict(d: dict) -> AdapterConfig:
+    """Either config from its ``to_dict()``; a dict without ``kind`` (files written before SoMA
+    existed) is RecycleLoRA's."""
+    return config_class(d.get("kind", RecycleLoRAConfig.kind)).from_dict(d)
+
+
+def _to_dict(config: AdapterConfig) -> dict:
+    return {"kind": config.kind, **asdict(config)}
+
+
+def _from_dict(cls: type, d: dict):
+    d = dict(d)
+    kind = d.pop("kind", cls.kind)
+    if kind != cls.kind:
+        raise ValueError(f"a {kind!r} adapter config is not a {cls.__name__}")
+    return cls(**{**d, "target_modules": tuple(d.get("target_modules", cls.target_modules))})

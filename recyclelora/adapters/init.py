@@ -1,8 +1,10 @@
-"""Initial adapter factors from a pre-trained weight: RRQR (the paper), SVD and Kaiming ablations.
+"""Initial adapter factors from a pre-trained weight: RRQR (the paper), SVD and Kaiming ablations,
+and SoMA's minor singular triplets (the baseline).
 
-Every function returns ``(main, sub)``, each a pair ``(B0, A0)`` with ``B0`` (d, r) and ``A0``
-(r, k) in float64 on the CPU, or ``None`` when that adapter has rank 0. The caller builds the frozen
-residual ``W0 - s (B0_main A0_main + B0_sub A0_sub)`` from them.
+Every RecycleLoRA function returns ``(main, sub)``, each a pair ``(B0, A0)`` with ``B0`` (d, r) and
+``A0`` (r, k) in float64 on the CPU, or ``None`` when that adapter has rank 0. The caller builds
+the frozen residual ``W0 - s (B0_main A0_main + B0_sub A0_sub)`` from them. ``soma_factors``
+returns SoMA's one pair the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
-from .config import RecycleLoRAConfig
+from .config import AdapterConfig, RecycleLoRAConfig
 from .names import one_hot_rows
 
 Factors = tuple[torch.Tensor, torch.Tensor] | None
@@ -24,14 +26,21 @@ Factors = tuple[torch.Tensor, torch.Tensor] | None
 QR_BLAS_THREADS = 1
 
 
-def init_arithmetic(config: RecycleLoRAConfig) -> dict:
+# SoMA's SVD runs in float32, as the authors' (docs/method.md §6.1)
+SOMA_SVD_DTYPE = torch.float32
+
+
+def init_arithmetic(config: AdapterConfig) -> dict:
     """What decides the initial factors' bits beyond the weights, for files and checkpoints.
 
     RRQR's trailing pivots (the main adapter's columns) move with rounding: the QR's dtype,
     the LAPACK routine and its BLAS thread count are part of the result (docs/method.md §1.6).
+    SoMA's minor singular vectors depend on the SVD's precision (float32).
     """
     out: dict = {"init": config.init, "torch": str(torch.__version__)}
-    if config.init == "rrqr":
+    if config.kind == "soma":
+        out["svd_dtype"] = str(SOMA_SVD_DTYPE).removeprefix("torch.")
+    elif config.init == "rrqr":
         geqp3 = scipy.linalg.get_lapack_funcs("geqp3", dtype=np.dtype(config.qr_dtype))
         out |= {
             "qr_dtype": config.qr_dtype,
@@ -98,6 +107,23 @@ def svd_factors(
     main = pick(m - main_rank, m) if main_rank else None
     sub = pick(0, sub_rank) if sub_rank else None
     return main, sub
+
+
+def soma_factors(
+    weight: torch.Tensor, rank: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SoMA's ``(B0, A0)``: the ``rank`` minor singular triplets of ``weight`` (docs/method.md
+    §6.1).
+
+    ``W0 = U S V^T`` by a full SVD in float32 on the weight's device (the authors' arithmetic);
+    ``A = diag(sqrt(S_r / s)) V_r^T`` and ``B = U_r diag(sqrt(S_r / s))``, so that ``s B A`` is
+    the minor component. Returned in float64 on the CPU (exact: widened from float32).
+    """
+    check_ranks(tuple(weight.shape), rank, 0)
+    u, s, vh = torch.linalg.svd(weight.detach().to(SOMA_SVD_DTYPE), full_matrices=False)
+    root = (s[-rank:] / scaling).sqrt()
+    b, a = u[:, -rank:] * root, root[:, None] * vh[-rank:]
+    return b.to("cpu", torch.float64), a.to("cpu", torch.float64)
 
 
 def kaiming_factors(

@@ -1,10 +1,11 @@
 """Save adapters alone (safetensors) and re-attach them to a fresh base model.
 
-The file holds, per adapted layer, the trained ``lora_*_A``/``lora_*_B`` and the initial factors
-that define its residual. RRQR's one-hot ``A0`` is stored as its column indices
-(``names.compress_one_hot``), which keeps the file at about (adapter size + B0 size) instead of
-twice the adapter size. The header holds the config, the layer shapes and the arithmetic of the
-initialisation (``init.init_arithmetic``: QR dtype, BLAS threads, LAPACK routine).
+The file holds, per adapted layer, the trained ``lora_*_A``/``lora_*_B``, the initial factors
+that define its residual, and the trained bias where the kind trains it (SoMA). RRQR's one-hot
+``A0`` is stored as its column indices (``names.compress_one_hot``), which keeps the file at about
+(adapter size + B0 size) instead of twice the adapter size. The header holds the config (with its
+kind), the layer shapes and the arithmetic of the initialisation (``init.init_arithmetic``: QR
+dtype, BLAS threads, LAPACK routine).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..atomic import write_bytes
-from .config import RecycleLoRAConfig
+from .config import AdapterConfig, config_from_dict
 from .init import init_arithmetic
-from .layer import RecycleLoRALinear
 from .model import (
     CONFIG_ATTR,
     find_config,
     freeze_all_but_adapters,
     iter_adapted,
+    layer_class,
     split_name,
 )
 from .names import compress_one_hot, expand_one_hot, tensor_key
@@ -54,6 +55,8 @@ def save_adapters(model: nn.Module, path: str | Path, metadata: dict | None = No
             for adapter, b, a in layer.adapter_pairs(initial):
                 tensors[tensor_key(name, adapter, "A", initial)] = a.detach()
                 tensors[tensor_key(name, adapter, "B", initial)] = b.detach()
+        if layer.trains_bias and layer.bias is not None:
+            tensors[bias_key(name)] = layer.bias.detach()
     header = {
         "format": FORMAT,
         "config": json.dumps(config.to_dict()),
@@ -63,6 +66,10 @@ def save_adapters(model: nn.Module, path: str | Path, metadata: dict | None = No
     }
     tensors = compress_one_hot({k: v.contiguous().cpu() for k, v in tensors.items()})
     return write_bytes(path, safetensors.torch.save(tensors, metadata=header))
+
+
+def bias_key(layer: str) -> str:
+    return f"{layer}.bias"
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -94,7 +101,7 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch
     return header, tensors
 
 
-def load_adapters(model: nn.Module, path: str | Path) -> RecycleLoRAConfig:
+def load_adapters(model: nn.Module, path: str | Path) -> AdapterConfig:
     """Re-attach saved adapters to ``model``, a fresh base model with plain ``nn.Linear`` layers.
 
     Pass the module that ``apply_recyclelora`` and ``save_adapters`` were given (layer names are
@@ -104,7 +111,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> RecycleLoRAConfig:
     equals the saved model bit-exactly. Returns the adapters' config.
     """
     header, tensors = read_adapter_file(path)
-    config = RecycleLoRAConfig.from_dict(json.loads(header["config"]))
+    config = config_from_dict(json.loads(header["config"]))
     layers = json.loads(header["layers"])
     missing = [n for n in layers if not isinstance(getattr_path(model, n), nn.Linear)]
     if missing:
@@ -119,17 +126,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> RecycleLoRAConfig:
                 f"{path}: layer {name} is {out_f}x{in_f} in the adapter file but "
                 f"{base.out_features}x{base.in_features} in this model"
             )
-        layer = RecycleLoRALinear(
-            in_f,
-            out_f,
-            config.main_rank,
-            config.sub_rank,
-            config.alpha,
-            bias=base.bias is not None,
-            device=base.weight.device,
-            dtype=base.weight.dtype,
-        )
-        layer.init_kind = config.init
+        layer = layer_class(config).shaped_like(base, config, name)
         factors = {}
         for adapter, r in layer.ranks.items():
             if r == 0:
@@ -143,6 +140,8 @@ def load_adapters(model: nn.Module, path: str | Path) -> RecycleLoRAConfig:
             for adapter, b, a in layer.adapter_pairs():
                 a.copy_(tensors[tensor_key(name, adapter, "A")])
                 b.copy_(tensors[tensor_key(name, adapter, "B")])
+            if layer.trains_bias and layer.bias is not None:
+                layer.bias.copy_(tensors[bias_key(name)])
         parent, child = split_name(name)
         setattr(model.get_submodule(parent), child, layer)
     freeze_all_but_adapters(model)

@@ -1,4 +1,8 @@
-"""``RecycleLoRALinear``: a linear layer, frozen residual plus two trainable low-rank adapters."""
+"""Adapted linear layers: a frozen residual plus trainable low-rank adapters.
+
+``AdaptedLinear`` holds what both kinds share; ``RecycleLoRALinear`` (two adapters) is defined
+here, SoMA's layer in ``soma``.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RecycleLoRAConfig
+from .config import AdapterConfig, RecycleLoRAConfig
 from .init import Factors, initial_factors
 from .names import ADAPTERS, tensor_name
 
 UNMERGE_TO_TRAIN = (
-    "backward through a merged RecycleLoRALinear: its merged weight is an inference cache that "
+    "backward through a merged adapted layer: its merged weight is an inference cache that "
     "gradients cannot flow through to the adapters. Unmerge before training: "
     "unmerge_recyclelora(model), or layer.unmerge() on one layer"
 )
@@ -37,17 +41,20 @@ def _fingerprint(tensors: list[torch.Tensor]) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
-class RecycleLoRALinear(nn.Module):
-    """``y = x W_res^T + b + s (x A_main^T B_main^T + x A_sub^T B_sub^T)`` (docs/method.md §1.3).
+class AdaptedLinear(nn.Module):
+    """A linear layer as a frozen residual plus trainable low-rank adapters: what both adapter
+    kinds share (residual, forward, merge, initial-factor bookkeeping).
 
-    Parameters (state_dict keys): ``weight`` (d, k) the frozen residual, ``bias`` (d,) frozen,
-    ``lora_{main,sub}_A`` (r, k) and ``lora_{main,sub}_B`` (d, r) trainable. The buffers
-    ``lora_{main,sub}_{A0,B0}`` keep the initial factors: they define the residual
-    (``W_res = W0 - s Σ B0 A0``), so adapters can be re-attached to a fresh base model, and the
-    analysis tools can tell which input columns RRQR selected. An adapter of rank 0 has no tensors.
+    Parameters (state_dict keys): ``weight`` (d, k) the frozen residual, ``bias`` (d,),
+    ``lora_<adapter>_A`` (r, k) and ``lora_<adapter>_B`` (rows, r) trainable. Each adapter adds
+    ``s B A`` to a block of output rows: all d rows (RecycleLoRA's two adapters), or its own
+    block (SoMA's q, k and v adapters of a fused qkv layer, block-diagonal in the rows). The
+    buffers ``lora_<adapter>_{A0,B0}`` keep the initial factors: they define the residual
+    (``W_res = W0 - s Σ B0 A0``), so adapters can be re-attached to a fresh base model. An adapter
+    of rank 0 has no tensors.
 
-    The forward runs both adapters as one rank-(r_main + r_sub) branch (their factors
-    concatenated); the parameters stay separate, as they train at different learning rates.
+    The forward runs all adapters as one branch (their factors stacked); the parameters stay
+    separate, as they may train at different learning rates.
 
     ``merge()`` switches to a single linear with the cached ``W_res + s Σ B A``. The cache is
     rebuilt on the next forward whenever a tensor it was summed from has changed, and a backward
@@ -55,30 +62,37 @@ class RecycleLoRALinear(nn.Module):
     ``unmerge()`` restores the training state bit-exactly.
     """
 
+    #: whether the bias trains with the adapters (SoMA's ``bias="all"``)
+    trains_bias: bool = False
+
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        main_rank: int,
-        sub_rank: int,
-        alpha: float = 1.0,
+        ranks: dict[str, int],
+        scaling: float,
+        rows: dict[str, tuple[int, int]] | None = None,
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        """``rows``: each adapter's output rows ``[start, stop)``, disjoint and in order; None:
+        every adapter spans all rows."""
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        self.ranks = {"main": main_rank, "sub": sub_rank}
-        self.scaling = alpha / (main_rank + sub_rank)
-        self.alpha = alpha
+        self.ranks = dict(ranks)
+        self.scaling = scaling
+        self.block_diagonal = rows is not None
+        self.rows = dict(rows) if rows is not None else {n: (0, out_features) for n in ranks}
         self.init_kind = "unset"
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), False)
         self.bias = nn.Parameter(torch.empty(out_features, **kw), False) if bias else None
         for name, r in self.ranks.items():
             if r == 0:
                 continue
-            for part, shape in (("A", (r, in_features)), ("B", (out_features, r))):
+            lo, hi = self.rows[name]
+            for part, shape in (("A", (r, in_features)), ("B", (hi - lo, r))):
                 self.register_parameter(
                     tensor_name(name, part), nn.Parameter(torch.empty(shape, **kw))
                 )
@@ -90,42 +104,36 @@ class RecycleLoRALinear(nn.Module):
         self._merged_from: tuple | None = None  # _fingerprint of merged_weight's sources
 
     @classmethod
+    def shaped_like(cls, linear: nn.Linear, config: AdapterConfig, name: str = "") -> AdaptedLinear:
+        """``linear`` (qualified ``name`` in its model) adapted by ``config``: shapes only,
+        uninitialised tensors."""
+        raise NotImplementedError
+
+    def initial_factors_of(
+        self, weight: torch.Tensor, config: AdapterConfig, generator: torch.Generator | None
+    ) -> dict[str, Factors]:
+        """``{adapter: (B0, A0) or None}`` from the pre-trained ``weight``."""
+        raise NotImplementedError
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
-        config: RecycleLoRAConfig,
+        config: AdapterConfig,
         generator: torch.Generator | None = None,
         initialize: bool = True,
-    ) -> RecycleLoRALinear:
+        name: str = "",
+    ) -> AdaptedLinear:
         """Adapt a pre-trained ``nn.Linear``; its output is unchanged at initialisation.
 
         On the meta device, or with ``initialize=False`` (a state_dict will be loaded next), only
         shapes are built: no decomposition, uninitialised tensors.
         """
+        layer = cls.shaped_like(linear, config, name)
         w = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            config.main_rank,
-            config.sub_rank,
-            config.alpha,
-            bias=linear.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        layer.init_kind = config.init
         if w.is_meta or not initialize:
             return layer
-        main, sub = initial_factors(
-            w,
-            config.main_rank,
-            config.sub_rank,
-            config.init,
-            layer.scaling,
-            config.qr_dtype,
-            generator,
-        )
-        layer.reset_to_initial(w, linear.bias, {"main": main, "sub": sub})
+        layer.reset_to_initial(w, linear.bias, layer.initial_factors_of(w, config, generator))
         return layer
 
     @torch.no_grad()
@@ -145,35 +153,43 @@ class RecycleLoRALinear(nn.Module):
                 getattr(self, tensor_name(name, part, initial=True)).copy_(t)
             # from the stored (layer-dtype) factors, so a re-attached layer gets the same bits
             b0, a0 = (getattr(self, tensor_name(name, p, initial=True)) for p in "BA")
-            delta += b0.double() @ a0.double()
+            lo, hi = self.rows[name]
+            delta[lo:hi] += b0.double() @ a0.double()
         self.weight.copy_(base_weight.double() - self.scaling * delta)
         if self.bias is not None:
             self.bias.copy_(base_bias)
         self.merged_weight = None
 
     def adapter_pairs(self, initial: bool = False) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """``[(name, B (d, r), A (r, k))]`` for the adapters of non-zero rank."""
+        """``[(name, B (rows, r), A (r, k))]`` for the adapters of non-zero rank."""
         return [
             (
                 n,
                 getattr(self, tensor_name(n, "B", initial)),
                 getattr(self, tensor_name(n, "A", initial)),
             )
-            for n in ADAPTERS
+            for n in self.ranks
             if self.ranks[n]
         ]
 
     def delta_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``s Σ B A`` (d, k): what the adapters add to the residual."""
-        return self.scaling * sum(b.to(dtype) @ a.to(dtype) for _, b, a in self.adapter_pairs())
+        """``s Σ B A`` (d, k), each product on its rows: what the adapters add to the residual."""
+        delta = torch.zeros(self.weight.shape, dtype=dtype, device=self.weight.device)
+        for name, b, a in self.adapter_pairs():
+            lo, hi = self.rows[name]
+            delta[lo:hi] += b.to(dtype) @ a.to(dtype)
+        return self.scaling * delta
 
     def stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B (d, r_main + r_sub), A (r_main + r_sub, k))``: both adapters as one pair, since
-        ``B_main A_main + B_sub A_sub = [B_main B_sub] [A_main; A_sub]``."""
+        """``(B (d, Σr), A (Σr, k))``: all adapters as one pair. Adapters on all rows stack B side
+        by side (``B_main A_main + B_sub A_sub = [B_main B_sub] [A_main; A_sub]``); adapters on
+        consecutive row blocks make B block-diagonal."""
         pairs = self.adapter_pairs()
-        if len(pairs) == 1:
+        if len(pairs) == 1 and not self.block_diagonal:
             return pairs[0][1], pairs[0][2]
-        return torch.cat([b for _, b, _ in pairs], dim=1), torch.cat([a for _, _, a in pairs])
+        bs = [b for _, b, _ in pairs]
+        b = torch.block_diag(*bs) if self.block_diagonal else torch.cat(bs, dim=1)
+        return b, torch.cat([a for _, _, a in pairs])
 
     @torch.no_grad()
     def merged(self) -> torch.Tensor:
@@ -215,14 +231,12 @@ class RecycleLoRALinear(nn.Module):
         """
         for name, (b0, a0) in factors.items():
             r = self.ranks[name]
-            if tuple(b0.shape) != (self.out_features, r) or tuple(a0.shape) != (
-                r,
-                self.in_features,
-            ):
+            lo, hi = self.rows[name]
+            if tuple(b0.shape) != (hi - lo, r) or tuple(a0.shape) != (r, self.in_features):
                 raise ValueError(
                     f"{name} adapter: initial factors of shapes {tuple(b0.shape)} and "
-                    f"{tuple(a0.shape)} do not fit a rank-{r} {self.out_features}x"
-                    f"{self.in_features} layer"
+                    f"{tuple(a0.shape)} do not fit a rank-{r} {hi - lo}x{self.in_features} "
+                    "adapter"
                 )
             getattr(self, tensor_name(name, "B", initial=True)).copy_(b0)
             getattr(self, tensor_name(name, "A", initial=True)).copy_(a0)
@@ -272,9 +286,66 @@ class RecycleLoRALinear(nn.Module):
         return sum(a.numel() + b.numel() for _, b, a in self.adapter_pairs())
 
     def extra_repr(self) -> str:
-        r = self.ranks
+        ranks = ", ".join(f"{n}_rank={r}" for n, r in self.ranks.items())
         return (
-            f"in={self.in_features}, out={self.out_features}, main_rank={r['main']}, "
-            f"sub_rank={r['sub']}, scaling={self.scaling:.4g}, init={self.init_kind}, "
-            f"merged={self.is_merged}"
+            f"in={self.in_features}, out={self.out_features}, {ranks}, "
+            f"scaling={self.scaling:.4g}, init={self.init_kind}, merged={self.is_merged}"
         )
+
+
+class RecycleLoRALinear(AdaptedLinear):
+    """``y = x W_res^T + b + s (x A_main^T B_main^T + x A_sub^T B_sub^T)`` (docs/method.md §1.3):
+    the main and sub adapters on all rows, ``s = alpha / (r_main + r_sub)``, bias frozen."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        main_rank: int,
+        sub_rank: int,
+        alpha: float = 1.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        ranks = dict(zip(ADAPTERS, (main_rank, sub_rank), strict=True))
+        scaling = alpha / (main_rank + sub_rank)
+        super().__init__(
+            in_features, out_features, ranks, scaling, bias=bias, device=device, dtype=dtype
+        )
+        self.alpha = alpha
+
+    @classmethod
+    def shaped_like(
+        cls, linear: nn.Linear, config: RecycleLoRAConfig, name: str = ""
+    ) -> RecycleLoRALinear:
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            config.main_rank,
+            config.sub_rank,
+            config.alpha,
+            bias=linear.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        layer.init_kind = config.init
+        return layer
+
+    def initial_factors_of(
+        self,
+        weight: torch.Tensor,
+        config: RecycleLoRAConfig,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Factors]:
+        main, sub = initial_factors(
+            weight,
+            config.main_rank,
+            config.sub_rank,
+            config.init,
+            self.scaling,
+            config.qr_dtype,
+            generator,
+        )
+        return {"main": main, "sub": sub}

@@ -2,7 +2,7 @@
 
 One place for both, so the adapter layer, adapter files and mmseg-format checkpoints agree:
 
-- ``lora_{adapter}_{A|B}``: the trainable factors (state_dict keys of ``RecycleLoRALinear``);
+- ``lora_{adapter}_{A|B}``: the trainable factors (state_dict keys of the adapted layers);
 - ``lora_{adapter}_{A|B}0``: the initial factors that define the frozen residual;
 - ``<key of A0>.columns``: on disk only, the column index of each row of a one-hot ``A0``
   (r integers instead of an r × k matrix).
@@ -14,16 +14,20 @@ import re
 
 import torch
 
-ADAPTERS = ("main", "sub")
+ADAPTERS = ("main", "sub")  # RecycleLoRA's two adapters; SoMA's single one is "main"
+QKV_ADAPTERS = ("q", "k", "v")  # SoMA on a fused qkv layer: one adapter per row block
+ADAPTER_NAMES = ADAPTERS + QKV_ADAPTERS
 COLUMNS_SUFFIX = ".columns"
 # "<layer>.lora_<adapter>_<A|B>[0]": groups layer, adapter, part, "0" for an initial factor
-ADAPTER_KEY = re.compile(r"^(?:(.+)\.)?lora_(main|sub)_([AB])(0?)$")
+ADAPTER_KEY = re.compile(rf"^(?:(.+)\.)?lora_({'|'.join(ADAPTER_NAMES)})_([AB])(0?)$")
 
 
 def tensor_name(adapter: str, part: str, initial: bool = False) -> str:
     """``lora_main_A``, ``lora_sub_B0``, ...: an attribute / state_dict name in a layer."""
-    if adapter not in ADAPTERS or part not in ("A", "B"):
-        raise ValueError(f"no adapter tensor {adapter!r}/{part!r}; adapters are {ADAPTERS}, A or B")
+    if adapter not in ADAPTER_NAMES or part not in ("A", "B"):
+        raise ValueError(
+            f"no adapter tensor {adapter!r}/{part!r}; adapters are {ADAPTER_NAMES}, A or B"
+        )
     return f"lora_{adapter}_{part}{'0' if initial else ''}"
 
 

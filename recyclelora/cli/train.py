@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import build_model
+from ..adapters.model import trainable_biases
 from ..atomic import write_text
 from ..data import DataError, EvalTransform, build_eval_dataset, build_train_set
 from ..data.convert import convert
@@ -41,6 +42,7 @@ from ..recipes import (
     add_override_arguments,
     apply_overrides,
     dataset_root,
+    shrink,
     to_json,
 )
 from . import fail
@@ -78,6 +80,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
 
 def demo_recipe(base: Recipe) -> Recipe:
     """The full recipe machinery at CPU scale: tiny model, generated two-domain data."""
+    base = shrink(base, iterations=1000, depth=4)  # the tiny preset's 4 blocks
     return replace(
         base,
         name=f"{base.name}_demo",
@@ -94,7 +97,6 @@ def demo_recipe(base: Recipe) -> Recipe:
         ),
         train=replace(
             base.train,
-            iterations=1000,
             lr=1e-3,
             val_interval=500,
             ckpt_interval=250,
@@ -189,11 +191,15 @@ def dry_run(recipe: Recipe) -> None:
     """Parameter counts of the recipe's model, built on the meta device (nothing allocated)."""
     model = build_model(recipe.model, adapters=recipe.adapters, device="meta")
     trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    biases = sum(p.numel() for p in trainable_biases(model.backbone))
     head = sum(p.numel() for p in model.decode_head.parameters())
     backbone = sum(p.numel() for p in model.backbone.parameters())
+    adapters = trainable - biases
     print(
         f"backbone {backbone:,} parameters, of which trainable adapter parameters "
-        f"{trainable:,} ({trainable / 1e6:.2f}M); decode head {head:,} (trainable)"
+        f"{adapters:,} ({adapters / 1e6:.2f}M)"
+        + (f" plus {biases:,} biases" if biases else "")
+        + f"; decode head {head:,} (trainable)"
     )
 
 

@@ -6,7 +6,9 @@ the losses stay there, and one collective every ``log_interval`` iterations, and
 before a validation or a checkpoint, checks them for a non-finite value and asks every rank
 whether a stop (SIGTERM) was requested. A checkpoint therefore never holds an unchecked step.
 Around it: logging with ETA (console and TensorBoard), validation and atomic checkpoints every
-few thousand iterations, exact resume, and a clean stop with a checkpoint on SIGTERM.
+few thousand iterations, exact resume, and a clean stop with a checkpoint on SIGTERM. A recipe
+with ``train.ema`` (SoMA's) keeps an EMA of the weights (``ema``): validation, the checkpoints'
+weights and the adapters file are the average's.
 
 Every random draw is a function of (seed, data position): the augmentation of each sample and the
 point sampling / matching of each image are seeded from the sample's seed. A resumed run and a
@@ -35,7 +37,7 @@ from ..checkpoints import load_latest, save_checkpoint
 from ..data import build_loader, build_train_sampler
 from ..evaluation import write_report
 from ..models import build_model
-from ..param_groups import build_param_groups
+from ..param_groups import build_param_groups, rules_for
 from ..recipes import Recipe, to_dict
 from .distributed import (
     Context,
@@ -45,6 +47,7 @@ from .distributed import (
     use_deterministic_algorithms,
     wrap_ddp,
 )
+from .ema import WeightEMA
 from .evaluator import evaluate
 from .schedules import RecipeSchedule
 
@@ -75,7 +78,9 @@ class TrainResult:
     checkpoint: Path | None
     stopped: bool = False
     metrics: dict = field(default_factory=dict)
-    model: nn.Module | None = None  # the trained Segmentor (not its DDP wrapper)
+    # the trained Segmentor (not its DDP wrapper), with the weights it was validated with (the
+    # EMA's, when the recipe keeps one)
+    model: nn.Module | None = None
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -233,7 +238,7 @@ def train(
     step = TrainStep(model)
     if ctx.world_size > 1:
         step = wrap_ddp(step, ctx)
-    groups = build_param_groups(model, t.lr, t.weight_decay)
+    groups = build_param_groups(model, t.lr, t.weight_decay, rules_for(recipe.adapters.kind))
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
     schedule = RecipeSchedule(optimizer, t.iterations, t.poly_power, t.wd_min)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp is torch.float16)
@@ -246,6 +251,7 @@ def train(
         gtav_subset=recipe.data.gtav_subset,
     )
     loader = build_loader(train_set, sampler, num_workers=recipe.data.workers)
+    ema = WeightEMA(model, t.ema_momentum, t.ema_begin, enabled=t.ema)
 
     start = 0
     if resume and found is None:
@@ -253,6 +259,8 @@ def train(
     if found is not None:
         state, path = found
         model.load_state_dict(state["model"])
+        if t.ema:  # a checkpoint without one: as mmengine, the average starts from its weights
+            ema.load_state_dict(state.get("ema", {"steps": 0, "source": {}}))
         optimizer.load_state_dict(state["optimizer"])
         note = load_scaler_state(scaler, state["scaler"])
         loader.load_state_dict(state["data"])
@@ -269,7 +277,8 @@ def train(
         f"{t.iterations} iterations of {t.batch_size} images on {ctx.world_size} process(es) "
         f"({ctx.device}; training {describe_precision(t.precision, amp)}, validation "
         f"{describe_precision(recipe.eval.precision, eval_amp)}; TF32 left at PyTorch's defaults"
-        f"{'; deterministic algorithms' if t.deterministic else ''})"
+        f"{'; deterministic algorithms' if t.deterministic else ''}"
+        f"{f'; EMA of the weights from iteration {t.ema_begin}' if t.ema else ''})"
     )
 
     def checkpoint(iteration: int) -> Path | None:
@@ -277,7 +286,7 @@ def train(
         if ctx.is_main:
             state = {
                 "iteration": iteration,
-                "model": model.state_dict(),
+                "model": ema.model_state(model),  # the validated weights
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "data": loader.state_dict(),
@@ -285,21 +294,24 @@ def train(
                 "recipe": to_dict(recipe),
                 "adapter_init": init_arithmetic(recipe.adapters),
             }
+            if t.ema:
+                state["ema"] = ema.state_dict()
             path = save_checkpoint(state, ckpt_dir, iteration, keep=t.keep_checkpoints)
         barrier(ctx)
         return path
 
     def validate(iteration: int) -> dict:
-        results = evaluate(
-            model,
-            targets,
-            ctx,
-            mode=recipe.eval.mode,
-            crop=recipe.eval.crop,
-            stride=recipe.eval.stride,
-            autocast_dtype=eval_amp,
-            workers=min(2, recipe.data.workers),
-        )
+        with ema.applied():
+            results = evaluate(
+                model,
+                targets,
+                ctx,
+                mode=recipe.eval.mode,
+                crop=recipe.eval.crop,
+                stride=recipe.eval.stride,
+                autocast_dtype=eval_amp,
+                workers=min(2, recipe.data.workers),
+            )
         if ctx.is_main:
             names = list(next(iter(results["targets"].values()))["IoU"])
             write_report(results, names, work / "val" / f"iter_{iteration}")
@@ -351,6 +363,7 @@ def train(
             scaler.update()
             window.add(losses, batch["path"])
             done = it + 1
+            ema.update(done)
 
             log_due = done % t.log_interval == 0 or done == t.iterations
             val_due = done % t.val_interval == 0 or done == t.iterations
@@ -385,6 +398,7 @@ def train(
             if stopped:
                 say(f"stopped at iteration {done}; resume with --resume (checkpoint {last_ckpt})")
                 break
+    ema.apply()
     if ctx.is_main and not stopped:
         save_adapters(
             model.backbone, work / "adapters.safetensors", metadata={"recipe": recipe.name}
