@@ -176,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     p.add_argument("--export", type=Path, help="export directory (default: newest in exports/)")
     p.add_argument("--url", help="a running service of the same export (default: start one)")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=512,
+        help="longest evaluated side, both paths (default 512: 18 windows of a 128 crop per "
+        "frame; 0 = the export's evaluation scale, e.g. 2048 x 1024, hundreds of windows)",
+    )
     args = p.parse_args(argv)
+    max_side = args.max_side or None
     requests, concurrency = (24, 4) if args.quick else (200, 16)
     try:
         export = args.export or newest_export()
@@ -192,11 +200,17 @@ def main(argv: list[str] | None = None) -> int:
             if served["export_sha256"] != sha256:
                 raise BenchmarkError(f"{url} serves {served['export']}, not {export}")
             service, served_labels = load(
-                lambda i: client.segment(jpegs[i % len(jpegs)]), requests, concurrency
+                lambda i: client.segment(jpegs[i % len(jpegs)], max_side=max_side),
+                requests,
+                concurrency,
             )
         runner = load_export(export, "onnxruntime")
         direct = [
-            load(lambda i: segment(runner, frames[i % len(frames)]), requests, threads)
+            load(
+                lambda i: segment(runner, frames[i % len(frames)], max_side=max_side),
+                requests,
+                threads,
+            )
             for threads in (1, concurrency)
         ]
     except (BenchmarkError, ServiceError) as e:
@@ -218,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "export": str(export),
             "preset": manifest.preset,
             "frame_hw": list(frames[0].shape[:2]),
+            "max_side": max_side,
             "distinct_frames": len(frames),
             "jpeg_quality": JPEG_QUALITY,
             "service": args.url or "started by the benchmark",
@@ -230,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         "errors": sum(r["errors"] for r in rows.values()),
     }
     h, w = frames[0].shape[:2]
-    print(f"{manifest.preset} export, {w}x{h} JPEG frames, {requests} requests per variant")
+    scale = f"max_side {max_side}" if max_side else "the export's evaluation scale"
+    print(f"{manifest.preset} export, {w}x{h} JPEG frames at {scale}, {requests} requests each")
     print(
         markdown_table(
             ["variant", "errors", "p50 ms", "p90 ms", "p99 ms", "req/s"],

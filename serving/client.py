@@ -222,7 +222,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
     p.add_argument("--api-key", help="bearer key (default: $RECYCLELORA_API_KEY)")
     p.add_argument("--mode", choices=("slide", "whole"), default="slide")
-    p.add_argument("--max-side", type=int, help="the server downscales frames to this longer side")
+    p.add_argument(
+        "--max-side", type=int, help="evaluate at most at this longer side (faster, coarser)"
+    )
     p.add_argument("--concurrency", type=int, default=4, help="frames in flight (default 4)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     return p

@@ -39,13 +39,7 @@ from recyclelora.deploy.manifest import MANIFEST
 from recyclelora.serving.drain import Drain
 from recyclelora.serving.errors import RequestError
 from recyclelora.serving.guards import BearerAuth, UploadLimits
-from recyclelora.serving.images import (
-    decode_image,
-    downscale,
-    encode_jpeg,
-    encode_png,
-    upscale_labels,
-)
+from recyclelora.serving.images import decode_image, encode_jpeg, encode_png
 from recyclelora.serving.remote import RemoteRunner
 from recyclelora.serving.render import blend, class_fractions, coco_rle
 from recyclelora.serving.settings import Settings
@@ -211,7 +205,8 @@ IMAGE_BODY = {
 }
 ModeQuery = Annotated[Mode, Query(description="slide: the paper's sliding window; whole: one crop")]
 MaxSideQuery = Annotated[
-    int | None, Query(ge=32, le=16384, description="downscale so the longer side is at most this")
+    int | None,
+    Query(ge=32, le=16384, description="evaluate at most at this longer side: faster, coarser"),
 ]
 
 app = FastAPI(
@@ -283,16 +278,14 @@ def _labels(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Upload bytes -> (frame, its train ids at the frame's size, inference ms)."""
     image = decode_image(data, SETTINGS.max_pixels)
-    small = downscale(image, max_side)
     t0 = time.perf_counter()
     try:
-        labels = segment_frame(svc.runner, small, mode)
+        labels = segment_frame(svc.runner, image, mode, max_side=max_side)
     except BentoMLException as e:
         if getattr(e, "error_code", None) is not None and int(e.error_code) == 503:
             raise RequestError(503, str(e) or "the model is busy: retry") from None
         raise
-    ms = 1000 * (time.perf_counter() - t0)
-    return image, upscale_labels(labels, image.shape[:2]), ms
+    return image, labels, 1000 * (time.perf_counter() - t0)
 
 
 @bentoml.service(

@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 import zlib
+from dataclasses import replace
 
 import cv2
 import httpx
@@ -25,10 +26,11 @@ from PIL import Image
 
 from recyclelora.data import CLASS_NAMES, palette
 from recyclelora.deploy import ExportError, Manifest, load_export, segment
+from recyclelora.deploy.segment import evaluation_scale
 from recyclelora.serving.drain import Drain
 from recyclelora.serving.errors import RequestError
 from recyclelora.serving.guards import BearerAuth, UploadLimits
-from recyclelora.serving.images import decode_image, downscale, encode_png, upscale_labels
+from recyclelora.serving.images import decode_image, encode_png
 from recyclelora.serving.remote import RemoteRunner
 from recyclelora.serving.render import blend, class_fractions, coco_rle
 from recyclelora.serving.settings import MAKE_ONE, Settings, SettingsError, newest_export
@@ -143,16 +145,6 @@ def test_a_decompression_bomb_is_refused_before_decoding():
         t0 = time.perf_counter()
         refused(bomb, 413, "pixels")
         assert time.perf_counter() - t0 < 1.0  # nothing was decoded (a real decode: minutes)
-
-
-def test_downscale_and_upscale_labels():
-    rgb = blocks(96, 160)
-    small = downscale(rgb, 80)
-    assert small.shape == (48, 80, 3)
-    assert downscale(rgb, 500) is rgb and downscale(rgb, None) is rgb
-    labels = np.arange(6, dtype=np.uint8).reshape(2, 3)
-    up = upscale_labels(labels, (4, 6))
-    assert np.array_equal(up, np.repeat(np.repeat(labels, 2, 0), 2, 1))
 
 
 def test_label_png_is_single_channel_train_ids():
@@ -434,3 +426,18 @@ def test_a_model_that_fails_to_load_is_not_alive(demo_export, monkeypatch):
     assert not model.__is_alive__() and not model.__is_ready__()
     with pytest.raises(ServiceUnavailable, match="failed to load: ExportError: model.onnx differs"):
         model.predict_crops(np.zeros((1, 3, 128, 128), np.float32))
+
+
+def test_max_side_shrinks_the_evaluation_scale(demo_export):
+    manifest = Manifest.read(demo_export)  # eval_scale (320, 192)
+    assert evaluation_scale(manifest) == (320, 192)
+    assert evaluation_scale(manifest, 1000) == (320, 192)  # never enlarged
+    assert evaluation_scale(manifest, 160) == (160, 96)
+    runner = load_export(demo_export, backend="onnxruntime")
+    frame = blocks(160, 320, seed=5)
+    coarse = segment(runner, frame, max_side=160)
+    runner.manifest = replace(manifest, eval_scale=[160, 96])  # the same, said by the export
+    assert np.array_equal(coarse, segment(runner, frame))
+    assert coarse.shape == frame.shape[:2]
+    with pytest.raises(ValueError, match="max_side must be >= 1"):
+        evaluation_scale(manifest, 0)

@@ -4,6 +4,8 @@ The evaluation protocol of docs/method.md §4 in numpy and OpenCV, with the geom
 export's ``model.json``:
 
 1. rescale the frame to fit ``eval_scale`` keeping its ratio (bilinear, mmcv ``imrescale``);
+   ``max_side`` shrinks that scale so its longer bound is at most ``max_side`` (fewer windows:
+   faster and coarser);
 2. "slide": the ``crop``/``stride`` windows of mmseg ``slide_inference``, batched through the
    runner ``max_batch`` at a time. A window smaller than the graph's ``input_size`` (a frame
    smaller than a crop) is padded at the bottom/right with the mean colour - 0 after
@@ -101,25 +103,50 @@ def predict_scores(runner: Runner, image: np.ndarray, mode: Mode = "slide") -> n
     raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}")
 
 
+def evaluation_scale(manifest: Manifest, max_side: int | None = None) -> tuple[int, int]:
+    """The (long, short) bounds a frame is rescaled to fit: the export's ``eval_scale``, shrunk
+    (ratio kept) so that its longer bound is at most ``max_side``."""
+    long, short = pair(manifest.eval_scale)
+    if max_side is None or max_side >= max(long, short):
+        return long, short
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    f = max_side / max(long, short)
+    return max(1, round(long * f)), max(1, round(short * f))
+
+
 @overload
 def segment(
-    runner: Runner, image: np.ndarray, mode: Mode = ..., return_scores: Literal[False] = ...
+    runner: Runner,
+    image: np.ndarray,
+    mode: Mode = ...,
+    return_scores: Literal[False] = ...,
+    max_side: int | None = ...,
 ) -> np.ndarray: ...
 @overload
 def segment(
-    runner: Runner, image: np.ndarray, mode: Mode, return_scores: Literal[True]
+    runner: Runner,
+    image: np.ndarray,
+    mode: Mode,
+    return_scores: Literal[True],
+    max_side: int | None = ...,
 ) -> tuple[np.ndarray, np.ndarray]: ...
 def segment(
-    runner: Runner, image: np.ndarray, mode: Mode = "slide", return_scores: bool = False
+    runner: Runner,
+    image: np.ndarray,
+    mode: Mode = "slide",
+    return_scores: bool = False,
+    max_side: int | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """An RGB uint8 (H, W, 3) frame -> (H, W) uint8 train ids (see the module docstring); with
-    ``return_scores`` also the (K, H, W) float32 scores they are the argmax of."""
+    ``return_scores`` also the (K, H, W) float32 scores they are the argmax of. ``max_side``
+    bounds the longer side of the evaluation scale (default: the export's ``eval_scale``)."""
     image = _check_image(image)
     manifest = _manifest(runner)
     if runner.num_classes > 256:
         raise ValueError(f"{runner.num_classes} classes do not fit uint8 train ids")
     frame_hw = image.shape[:2]
-    h, w = rescale_size(frame_hw, pair(manifest.eval_scale))
+    h, w = rescale_size(frame_hw, evaluation_scale(manifest, max_side))
     if (h, w) != frame_hw:
         image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
     scores = resize_scores(predict_scores(runner, image, mode), frame_hw)

@@ -68,23 +68,6 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             raise RequestError(400, f"the image is truncated or corrupt ({e})") from None
 
 
-def downscale(image: np.ndarray, max_side: int | None) -> np.ndarray:
-    """The frame with its longer side at most ``max_side`` (ratio kept, area interpolation)."""
-    h, w = image.shape[:2]
-    if max_side is None or max(h, w) <= max_side:
-        return image
-    s = max_side / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def upscale_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Train ids back to the frame's size (nearest: ids are not averaged)."""
-    if labels.shape == tuple(hw):
-        return labels
-    return cv2.resize(labels, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
-
-
 def encode_png(image: np.ndarray) -> bytes:
     """(H, W) uint8 ids -> single-channel 8-bit PNG; (H, W, 3) RGB -> RGB PNG."""
     bgr = image if image.ndim == 2 else image[:, :, ::-1]
