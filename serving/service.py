@@ -273,14 +273,21 @@ async def _upload(request: Request, allowed: set[str]) -> bytes:
         await form.close()
 
 
-def _labels(
-    svc: SegmentationAPI, data: bytes, mode: Mode, max_side: int | None
+async def _segmented(
+    svc: SegmentationAPI, request: Request, allowed: set[str], mode: Mode, max_side: int | None
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Upload bytes -> (frame, its train ids at the frame's size, inference ms)."""
+    """The request's frame, its train ids at the frame's size, and the inference ms."""
+    data = await _upload(request, allowed)
+    return await run_in_threadpool(_labels, svc.runner, data, mode, max_side)
+
+
+def _labels(
+    runner: RemoteRunner, data: bytes, mode: Mode, max_side: int | None
+) -> tuple[np.ndarray, np.ndarray, float]:
     image = decode_image(data, SETTINGS.max_pixels)
     t0 = time.perf_counter()
     try:
-        labels = segment_frame(svc.runner, image, mode, max_side=max_side)
+        labels = segment_frame(runner, image, mode, max_side=max_side)
     except BentoMLException as e:
         if getattr(e, "error_code", None) is not None and int(e.error_code) == 503:
             raise RequestError(503, str(e) or "the model is busy: retry") from None
@@ -314,8 +321,7 @@ class SegmentationAPI:
     async def segment(
         self, request: Request, mode: ModeQuery = "slide", max_side: MaxSideQuery = None
     ) -> Response:
-        data = await _upload(request, {"mode", "max_side"})
-        _, labels, ms = await run_in_threadpool(_labels, self, data, mode, max_side)
+        _, labels, ms = await _segmented(self, request, {"mode", "max_side"}, mode, max_side)
         png = await run_in_threadpool(encode_png, labels)
         return Response(png, media_type="image/png", headers={"X-Inference-Ms": f"{ms:.1f}"})
 
@@ -334,8 +340,9 @@ class SegmentationAPI:
         max_side: MaxSideQuery = None,
         masks: Annotated[bool, Query(description="add per-class COCO RLE masks")] = False,
     ) -> SegmentJSON:
-        data = await _upload(request, {"mode", "max_side", "masks"})
-        image, labels, ms = await run_in_threadpool(_labels, self, data, mode, max_side)
+        image, labels, ms = await _segmented(
+            self, request, {"mode", "max_side", "masks"}, mode, max_side
+        )
         classes = MANIFEST_DATA.classes
         rles = None
         if masks:
@@ -370,8 +377,9 @@ class SegmentationAPI:
         alpha: Annotated[float, Query(ge=0, le=1, description="weight of the colours")] = 0.5,
         legend: bool = True,
     ) -> Response:
-        data = await _upload(request, {"mode", "max_side", "alpha", "legend"})
-        image, labels, _ = await run_in_threadpool(_labels, self, data, mode, max_side)
+        image, labels, _ = await _segmented(
+            self, request, {"mode", "max_side", "alpha", "legend"}, mode, max_side
+        )
         m = MANIFEST_DATA
         picture = await run_in_threadpool(blend, image, labels, m.palette, m.classes, alpha, legend)
         return Response(await run_in_threadpool(encode_jpeg, picture), media_type="image/jpeg")

@@ -4,6 +4,7 @@ subprocess: what the serving tests and the load benchmark's quick mode talk to."
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -14,6 +15,11 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from recyclelora.data.synthetic import render_scene, stylize
 
 REPO = Path(__file__).resolve().parents[1]
 BENTOML = Path(sys.executable).parent / "bentoml"
@@ -107,3 +113,16 @@ def serving(export: Path, home: Path, **settings: str) -> Iterator[Server]:
         yield server
     finally:
         stop(server)
+
+
+def scene(seed: int, h: int, w: int) -> np.ndarray:
+    """A "real"-domain demo street scene, (h, w, 3) RGB uint8: frames with several classes."""
+    rng = np.random.default_rng(seed)
+    return stylize(render_scene(rng, h, w), rng, "real")
+
+
+def encoded(rgb: np.ndarray, fmt: str, **options) -> bytes:
+    """The frame as Pillow writes it in ``fmt`` ("PNG", "JPEG", "GIF", ...)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **options)
+    return buf.getvalue()

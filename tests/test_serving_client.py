@@ -16,32 +16,26 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from recyclelora.data.synthetic import render_scene, stylize
 from recyclelora.deploy import Manifest, load_export, segment
 from recyclelora.deploy.manifest import MANIFEST
 from recyclelora.serving.render import blend
 from serving.client import SegmentationClient, ServiceError, main
 
-from .serving_server import REPO, free_port, serving
+from .serving_server import REPO, encoded, free_port, scene, serving
 
 HW = (90, 170)  # not the export's eval scale (160 x 320 after rescaling) nor a crop multiple
 
 
 def frame(seed: int, hw: tuple[int, int] = HW) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return stylize(render_scene(rng, *hw), rng, "real")
+    return scene(seed, *hw)
 
 
 def png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "PNG")
-    return buf.getvalue()
+    return encoded(rgb, "PNG")
 
 
 def jpeg(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
+    return encoded(rgb, "JPEG", quality=85)
 
 
 def decoded(data: bytes) -> np.ndarray:

@@ -21,18 +21,26 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from recyclelora.data import CLASS_NAMES
-from recyclelora.data.synthetic import render_scene, stylize
 from recyclelora.deploy import load_export, segment
 from recyclelora.serving.render import blend, class_fractions
 
-from .serving_server import BENTOML, REPO, SERVICE, server_env, serving, start, stop
+from .serving_server import (
+    BENTOML,
+    REPO,
+    SERVICE,
+    encoded,
+    scene,
+    server_env,
+    serving,
+    start,
+    stop,
+)
 from .test_serving_parts import png_header_only
 
 pytestmark = pytest.mark.slow
@@ -45,18 +53,19 @@ LIMITS = {
 }
 
 
-def scene(seed: int, h: int = 120, w: int = 240) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return stylize(render_scene(rng, h, w), rng, "real")
-
-
 def png(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", rgb[:, :, ::-1])
-    assert ok
-    return buf.tobytes()
+    return encoded(rgb, "PNG")
 
 
-FRAME = scene(0)
+def jpeg(rgb: np.ndarray) -> bytes:
+    return encoded(rgb, "JPEG")
+
+
+def gif(rgb: np.ndarray) -> bytes:
+    return encoded(rgb, "GIF")
+
+
+FRAME = scene(0, 120, 240)
 FRAME_PNG = png(FRAME)
 
 
@@ -203,18 +212,6 @@ def test_concurrent_requests_share_batches(server):
 
 def truncated(data: bytes) -> bytes:
     return data[: len(data) // 2]
-
-
-def jpeg(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def gif(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "GIF")
-    return buf.getvalue()
 
 
 def files(data: bytes, name: str = "image", kind: str = "image/png"):
