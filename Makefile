@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test lint venv mutation serve
+.PHONY: demo test lint venv mutation serve compare
 venv: $(VENV_STAMP)
 
 $(VENV_STAMP): pyproject.toml constraints.txt
@@ -16,6 +16,11 @@ $(VENV_STAMP): pyproject.toml constraints.txt
 
 demo: $(VENV_STAMP)
 	$(PY) training/train.py syn2real --demo
+
+# RecycleLoRA vs SoMA: both demos, then the table into benchmarks/out/compare.{json,md} and
+# RESULTS.md (COMPARE_ARGS=--reuse: read the existing demo runs instead of training).
+compare: $(VENV_STAMP)
+	$(PY) benchmarks/run_all.py --only compare --compare-args="$(COMPARE_ARGS)"
 
 # The BentoML service over the newest export under exports/ (RECYCLELORA_EXPORT to choose).
 serve: $(VENV_STAMP)

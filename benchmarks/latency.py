@@ -262,6 +262,9 @@ class Preset:
 
     def __init__(self, name: str, args: argparse.Namespace, backends: Sequence[Backend]) -> None:
         self.name, self.args = name, args
+        self.cases = args.preset_cases.get(name, args.cases)
+        only = args.preset_backends.get(name)
+        backends = [b for b in backends if only is None or b.name in only]
         self.g: Geometry = args.geometry
         self.skipped: list[dict[str, str]] = []
         start = time.perf_counter()
@@ -306,7 +309,7 @@ class Preset:
     def figures(self) -> list[Figure]:
         """Build every runner and warm every figure up (compilation happens here)."""
         out: list[Figure] = []
-        inputs = {c: case_input(c, self.g, self.args.seed) for c in self.args.cases}
+        inputs = {c: case_input(c, self.g, self.args.seed) for c in self.cases}
         reference = None
         if "base" in self.models and PRIMARY_CASE in inputs:
             with torch.inference_mode():
@@ -316,7 +319,7 @@ class Preset:
         for backend in self.backends:
             runners = self.runners(backend)
             budget = self.args.compile_timeout
-            for case in self.args.cases if runners else ():
+            for case in self.cases if runners else ():
                 group, failed = [], None
                 for variant, runner in runners.items():
                     f = Figure(backend, case, variant, case_call(case, runner, inputs[case]))
@@ -541,12 +544,43 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _per_preset(
+    p: argparse.ArgumentParser, flag: str, values: Sequence[str], allowed: Sequence[str]
+) -> dict[str, list[str]]:
+    """``["PRESET=a,b", ...]`` -> ``{PRESET: [a, b]}``, every name checked."""
+    out: dict[str, list[str]] = {}
+    for value in values:
+        preset, sep, items = value.partition("=")
+        names = items.split(",") if items else []
+        if not sep or preset not in (LARGE, TINY) or not names or set(names) - set(allowed):
+            p.error(
+                f"{flag} takes PRESET=a,b with PRESET one of {LARGE}, {TINY} and names of "
+                f"{', '.join(allowed)}; got {value!r}"
+            )
+        out[preset] = names
+    return out
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny preset at a quarter size, 3 reps")
     p.add_argument("--preset", action="append", choices=(LARGE, TINY), help="repeatable")
     p.add_argument("--backends", help=f"comma-separated, of: {', '.join(BACKENDS)}")
     p.add_argument("--cases", help=f"comma-separated, of: {', '.join(CASES)}")
+    p.add_argument(
+        "--preset-cases",
+        action="append",
+        default=[],
+        metavar="PRESET=CASES",
+        help="the cases of one preset (repeatable; default --cases)",
+    )
+    p.add_argument(
+        "--preset-backends",
+        action="append",
+        default=[],
+        metavar="PRESET=BACKENDS",
+        help="a subset of --backends for one preset (repeatable)",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--graph-variants", help="variants exported for ONNX Runtime / TensorRT")
     p.add_argument("--repeats", type=int, help="interleaved repetitions (default 5)")
@@ -580,6 +614,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.warmup < 1 or args.repeats < 1:
         p.error("--warmup and --repeats must be at least 1")
     args.matmul_size = args.matmul_size or (2048 if quick else 4096)
+    args.preset_cases = _per_preset(p, "--preset-cases", args.preset_cases, CASES)
+    args.preset_backends = _per_preset(p, "--preset-backends", args.preset_backends, BACKENDS)
     for name, values, allowed in (
         ("--cases", args.cases, CASES),
         ("--variants", args.variants, VARIANTS),

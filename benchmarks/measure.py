@@ -7,6 +7,7 @@ Scripts import it as a sibling module (``sys.path`` holds the script's folder wh
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
@@ -60,9 +61,25 @@ def ratio_of_medians_ci(
     return float(np.median(a) / np.median(b)), float(lo), float(hi)
 
 
-def forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
-    """FLOPs of one forward, counted by ``torch.utils.flop_counter`` (matmuls, convolutions,
-    attention: a multiply-add is 2 FLOPs; element-wise ops are not counted).
+def _attention_flops(q_shape, k_shape, v_shape, *args: Any, **kwargs: Any) -> int:
+    """``softmax(q kᵀ) v`` of shapes (..., n, d), (..., m, d), (..., m, dv): two matmuls."""
+    *batch, n, d = q_shape
+    m, dv = k_shape[-2], v_shape[-1]
+    return 2 * math.prod(batch) * n * m * (d + dv)
+
+
+def _cpu_attention_formulas() -> dict[Any, Any]:
+    """Formulas ``FlopCounterMode`` lacks: torch's table counts the CUDA flash-attention kernel
+    but not the CPU one (``_scaled_dot_product_flash_attention_for_cpu``, what DINOv2's
+    attention runs here), which would leave the backbone's attention out of the floor."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: _attention_flops} if op is not None else {}
+
+
+def forward_flop_counts(model: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
+    """FLOPs of one forward per operator (``aten.addmm``...), counted by
+    ``torch.utils.flop_counter`` (matmuls, convolutions, attention: a multiply-add is 2 FLOPs;
+    element-wise ops are not counted), the CPU attention kernel included.
 
     ``FlopCounterMode`` fails on the segmentor under ``torch.no_grad()``, so autograd stays on
     and no parameter requires a gradient (restored afterwards): nothing is recorded for backward.
@@ -73,12 +90,18 @@ def forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) as counter:
             model(*inputs)
-        return int(counter.get_total_flops())
+        counts = counter.get_flop_counts().get("Global", {})
+        return {str(op): int(n) for op, n in counts.items()}
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """Total FLOPs of one forward (:func:`forward_flop_counts`)."""
+    return sum(forward_flop_counts(model, *inputs).values())
 
 
 def matmul_rate(

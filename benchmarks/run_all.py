@@ -37,10 +37,12 @@ HERE = Path(__file__).resolve().parent
 #: marker name -> script, in the order they run
 BENCHMARKS: dict[str, str] = {
     "latency": "latency.py",
+    "profile": "profile_ops.py",
     "rrqr_init": "bench_rrqr_init.py",
     "data": "bench_data.py",
     "train_step": "bench_train_step.py",
     "serving": "bench_serving.py",
+    "compare": "compare.py",
 }
 
 

@@ -1,12 +1,15 @@
-"""Analysis metrics against brute-force numpy computations, and the CLI end to end."""
+"""Analysis metrics against brute-force numpy computations, and the CLI end to end, on
+RecycleLoRA and SoMA adapters."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from recyclelora import RecycleLoRAConfig, apply_recyclelora, save_adapters
+from recyclelora.adapters import SoMAConfig, iter_adapted
 from recyclelora.analysis import load_source, summarise
 from recyclelora.analysis.cli import main as analyze
 from recyclelora.analysis.figures import phi_per_block_figure
@@ -160,3 +163,89 @@ def test_phi_figure_shows_near_zero_values(n_blocks):
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+SOMA_RANK = 4
+
+
+def soma_model() -> TinyTransformer:
+    """SoMA on block 1 of the tiny transformer (q, k, v on qkv; main on proj, fc1, fc2), its
+    adapters moved off their initial values as training would."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    cfg = SoMAConfig(rank=SOMA_RANK, alpha=4.0, first_block=1)
+    apply_recyclelora(model.blocks, cfg, progress=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def direct_effective_rank(b: torch.Tensor, a: torch.Tensor, b0=None, a0=None) -> float:
+    """Roy & Vetterli's effective rank from the full SVD of ``B A`` (minus ``B0 A0``), float64."""
+    m = b.detach().double() @ a.detach().double()
+    if b0 is not None:
+        m = m - b0.double() @ a0.double()
+    s = torch.linalg.svdvals(m)
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def test_soma_q_k_v_and_main_adapters_are_analysed_one_by_one():
+    model = soma_model()
+    result = summarise(load_source(model.blocks))
+    layers, summary = result["layers"], result["summary"]
+    assert {n: sorted(k for k in s if k != "block") for n, s in layers.items()} == {
+        "1.attn.qkv": ["k", "q", "v"],
+        "1.attn.proj": ["main"],
+        "1.mlp.fc1": ["main"],
+        "1.mlp.fc2": ["main"],
+    }
+    expected: dict[str, list[float]] = {}
+    for name, layer in iter_adapted(model.blocks):
+        for adapter, b, a in layer.adapter_pairs():
+            b0, a0 = (getattr(layer, f"lora_{adapter}_{p}0") for p in "BA")
+            got = layers[name][adapter]
+            rank = direct_effective_rank(b, a)
+            assert got["rank"] == SOMA_RANK
+            assert got["effective_rank"] == pytest.approx(rank, rel=1e-9), (name, adapter)
+            assert got["rank_efficiency"] == pytest.approx(rank / SOMA_RANK, rel=1e-9)
+            update = direct_effective_rank(b, a, b0, a0)
+            assert got["update_effective_rank"] == pytest.approx(update, rel=1e-9)
+            an = a.detach().double().numpy()
+            unit = an / np.linalg.norm(an, axis=1, keepdims=True)
+            cos = np.abs(unit @ unit.T)
+            off = (cos.sum() - np.trace(cos)) / (SOMA_RANK * (SOMA_RANK - 1))
+            assert got["cos_A_rows"] == pytest.approx(off, rel=1e-9)
+            expected.setdefault(adapter, []).append(rank)
+    assert len(expected["main"]) == 3 and all(len(expected[n]) == 1 for n in "qkv")
+    for adapter, ranks in expected.items():
+        assert summary[adapter]["effective_rank_mean"] == pytest.approx(np.mean(ranks), rel=1e-9)
+        assert summary[adapter]["rank_efficiency_mean"] == pytest.approx(
+            np.mean(ranks) / SOMA_RANK, rel=1e-9
+        )
+    assert "sub" not in summary and "phi_mean" not in summary  # φ is main vs sub
+
+
+def test_cli_on_a_soma_checkpoint_and_adapter_file(tmp_path, capsys):
+    model = soma_model()
+    ckpt = tmp_path / "iter_5.pth"
+    torch.save({"model": model.blocks.state_dict(), "iteration": 5}, ckpt)
+    assert analyze([str(ckpt), "--out", str(tmp_path / "ckpt")]) == 0
+    printed = capsys.readouterr().out
+    for adapter in ("main", "q", "k", "v"):
+        assert re.search(rf"^ *{adapter}: rank {SOMA_RANK}, effective rank ", printed, re.M)
+    pngs = sorted(p.name for p in (tmp_path / "ckpt").glob("*.png"))
+    assert pngs == sorted(
+        [f"cosine_1_attn_qkv_{n}.png" for n in "qkv"]
+        + [f"cosine_1_{n}_main.png" for n in ("attn_proj", "mlp_fc1", "mlp_fc2")]
+    )
+    path = save_adapters(model.blocks, tmp_path / "adapters.safetensors")
+    assert analyze([str(path), "--out", str(tmp_path / "file"), "--no-figures"]) == 0
+    from_ckpt, from_file = (
+        json.loads((tmp_path / d / "analysis.json").read_text()) for d in ("ckpt", "file")
+    )
+    # the same tensors, whichever way they arrive: the same figures
+    assert from_file == from_ckpt
+    assert from_ckpt == json.loads(json.dumps(summarise(load_source(model.blocks))))

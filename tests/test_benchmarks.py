@@ -26,6 +26,7 @@ from recyclelora.recipes import RECIPES
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
+import compare  # noqa: E402
 import measure  # noqa: E402
 import run_all  # noqa: E402
 
@@ -183,7 +184,7 @@ def check_latency_report(path: Path, backends: set[str]) -> dict:
 def quick_run(tmp_path_factory):
     """``run_all.py --quick`` into a temporary folder and a marked copy of RESULTS.md."""
     root = tmp_path_factory.mktemp("bench")
-    names = [n for n in run_all.BENCHMARKS if n != "serving"]  # the serving bench has its own
+    names = [n for n in run_all.BENCHMARKS if n not in ("serving", "compare")]  # own tests
     results = root / "RESULTS.md"
     results.write_text(with_old_sections((BENCH / "RESULTS.md").read_text(), names))
     before = results.read_text()
@@ -281,3 +282,133 @@ def test_latency_onnxruntime_graph_agrees_and_is_cached(tmp_path):
     assert r["rel_error_vs_eager_base"]["merged"] < 1e-4
     again = run_script(*args)
     assert "merged: cached graph" in again and "exported in" not in again
+
+
+# ---------------------------------------------------------------------------------------------
+# RecycleLoRA against SoMA (benchmarks/compare.py)
+
+DEMO_EVALS = ("source (synthetic)", "target (real)")
+
+
+def doc_row(section: str, first_cells: tuple[str, ...]) -> list[float]:
+    """The →Citys., →BDD, →Map., Avg. cells of the docs/method.md table row that starts with
+    ``first_cells``, in the section whose heading starts with ``section``."""
+    text = (ROOT / "docs" / "method.md").read_text().split(f"### {section}")[1].split("\n### ")[0]
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if tuple(cells[: len(first_cells)]) == first_cells:
+            return [float(c) for c in cells[len(first_cells) : len(first_cells) + 4]]
+    raise AssertionError(f"no row {first_cells} in {section}")
+
+
+def test_compare_holds_the_papers_table3_rows_of_docs_method():
+    rows = {
+        "syn2real": doc_row("§5.1", ("G →", "32 / 4")),
+        "soma": doc_row("§5.2", ("SoMA", "G")),
+    }
+    assert rows["soma"] == [71.82, 61.31, 71.67, 68.27]
+    for recipe, (_, paper) in compare.METHODS.items():
+        assert [paper.cityscapes, paper.bdd, paper.mapillary, paper.average] == rows[recipe]
+    assert {m for m, _ in compare.METHODS.values()} == {"RecycleLoRA", "SoMA"}
+
+
+def test_compare_demo_command_keeps_the_emas_share_of_a_shortened_run(tmp_path):
+    """20 iterations of SoMA's 40,000: the EMA starts at 12,000 / 2,000 = 6 with momentum
+    2e-4 x 2,000 = 0.4 (train.py's own --demo for 1,000 iterations needs no override)."""
+    cmd = compare.demo_command("soma", 20, tmp_path)
+    flags = dict(zip(cmd[5::2], cmd[6::2], strict=True))
+    assert cmd[2:5] == ["soma", "--demo", "--no-export"]
+    assert flags == {
+        "--work_dir": str(tmp_path / "soma"),
+        "--data.root": str(tmp_path / "data"),
+        "--train.iterations": "20",
+        "--train.ema_begin": "6",
+        "--train.ema_momentum": "0.4",
+    }
+    assert "--train.ema_begin" not in compare.demo_command("syn2real", 20, tmp_path)
+    assert "--train.iterations" not in compare.demo_command("soma", 1000, tmp_path)
+
+
+def fake_run(runs: Path, recipe: str, iterations: int, seed: int) -> dict:
+    """A finished demo's recipe.json and demo_results.json with made-up mIoU."""
+    rng = np.random.default_rng(seed)
+    results = {
+        stage: {"targets": {name: {"mIoU": float(rng.uniform(0, 100))} for name in DEMO_EVALS}}
+        for stage in ("untrained", "trained")
+    }
+    (runs / recipe).mkdir(parents=True)
+    (runs / recipe / "recipe.json").write_text(json.dumps({"train": {"iterations": iterations}}))
+    (runs / recipe / "demo_results.json").write_text(json.dumps(results))
+    return results
+
+
+def check_compare_report(report: dict, runs: Path, iterations: int) -> None:
+    """Parameter counts against the meta-device models, mIoU against the runs' files."""
+    methods = report["methods"]
+    assert list(methods) == ["syn2real", "soma"]
+    assert methods["soma"]["parameters"] == {"adapters": 4_718_592, "biases": 147_456}
+    recipe = RECIPES["syn2real"]
+    model = build_model(recipe.model, adapters=recipe.adapters, device="meta")
+    trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    assert methods["syn2real"]["parameters"] == {"adapters": trainable, "biases": 0}
+    assert trainable == 14_155_776  # train.py syn2real --dry-run
+    for recipe, m in methods.items():
+        res = json.loads((runs / recipe / "demo_results.json").read_text())
+        for stage in ("untrained", "trained"):
+            t = res[stage]["targets"]
+            expected = {"source": t[DEMO_EVALS[0]]["mIoU"], "target": t[DEMO_EVALS[1]]["mIoU"]}
+            assert m["demo"][stage] == expected, (recipe, stage)
+        assert m["demo"]["iterations"] == iterations
+
+
+def test_compare_reuse_reads_the_runs_and_run_all_writes_its_section(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    fake = {r: fake_run(runs, r, 1000, seed) for seed, r in enumerate(compare.METHODS)}
+    results = tmp_path / "RESULTS.md"
+    results.write_text(with_old_sections((BENCH / "RESULTS.md").read_text(), ["compare"]))
+    before = results.read_text()
+    stdout = run_script(
+        str(BENCH / "run_all.py"),
+        "--only",
+        "compare",
+        "--compare-args",
+        f"--reuse --runs {runs}",
+        "--out",
+        str(out),
+        "--results",
+        str(results),
+    )
+    report = json.loads((out / "compare.json").read_text())
+    check_compare_report(report, runs, 1000)
+    assert all(m["demo"]["seconds"] is None for m in report["methods"].values())
+    after = results.read_text()
+    assert outside(after) == outside(before)
+    start, end = run_all.markers("compare")
+    body = after.split(start)[1].split(end)[0]
+    assert "old compare" not in body and "- Command: `python benchmarks/compare.py" in body
+    soma = fake["soma"]["trained"]["targets"]
+    row = next(line for line in body.splitlines() if line.startswith("| SoMA |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:6] == ["4,718,592 + 147,456 biases", "71.82", "61.31", "71.67", "68.27"]
+    assert cells[6:] == ["1000", *(f"{soma[n]['mIoU']:.2f}" for n in DEMO_EVALS)]
+    assert row in (out / "compare.md").read_text() and row in stdout
+
+
+def test_compare_reuse_of_a_missing_run_says_how_to_make_it(tmp_path, capsys):
+    fake_run(tmp_path / "runs", "syn2real", 1000, 0)
+    code = compare.main(["--reuse", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    assert code == 2
+    assert "python training/train.py soma --demo" in capsys.readouterr().err
+    assert not (tmp_path / "compare.json").exists()
+
+
+@pytest.mark.slow
+def test_compare_quick_trains_both_demos(tmp_path):
+    """Both demos for real (20 iterations each), each in its own run folder under --out."""
+    stdout = run_script(str(BENCH / "compare.py"), "--quick", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "compare.json").read_text())
+    check_compare_report(report, tmp_path / "runs", compare.QUICK_ITERATIONS)
+    for recipe in compare.METHODS:
+        assert (tmp_path / "runs" / recipe / "checkpoints" / "iter_20.pth").is_file()
+        assert "after 20 iterations (mIoU %)" in (tmp_path / f"compare-{recipe}.log").read_text()
+    assert re.search(r"^\| RecycleLoRA \| 14,155,776 \| 73\.01 \|", stdout, flags=re.M)

@@ -4,6 +4,7 @@ exact resume, and ``train.py soma --demo`` through export and loading."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,8 +12,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from recyclelora.adapters import SoMAConfig, SoMALinear, iter_adapted
@@ -194,11 +198,28 @@ def test_soma_recipes_and_the_demo_scaling():
         replace(soma.train, iterations=100)
 
 
+def test_every_recipe_demos_in_its_own_run_folder_on_shared_data():
+    """``train.py soma --demo`` after ``train.py syn2real --demo`` must not resume the other."""
+    from recyclelora.cli.train import demo_recipe
+
+    demos = {name: demo_recipe(RECIPES[name]) for name in ("syn2real", "soma", "soma_real2real")}
+    assert {n: r.work_dir for n, r in demos.items()} == {
+        n: str(Path("runs/demo") / n) for n in demos
+    }
+    assert {r.data.root for r in demos.values()} == {str(Path("runs/demo/data"))}
+
+
 @pytest.mark.slow
-def test_demo_trains_evaluates_and_its_checkpoint_exports(tmp_path):
-    """The demo shortened to 20 iterations (the EMA from 10); the full demo is 1,000."""
+def test_demo_trains_evaluates_exports_and_its_export_serves(tmp_path):
+    """The demo shortened to 20 iterations (the EMA from 10); the full demo is 1,000. Its own
+    export (ONNX graph included) is served by the real BentoML server, whose label map equals
+    the inference API's on the same export and frame."""
+    from safetensors.torch import load_file
+
     from recyclelora.checkpoints import load_model
-    from recyclelora.cli import export
+    from recyclelora.deploy import load_export, segment
+
+    from .serving_server import encoded, scene, serving
 
     args = ["--train.iterations", "20", "--train.val_interval", "20", "--train.ckpt_interval", "20"]
     cmd = [sys.executable, str(TRAIN_PY), "soma", "--demo", "--data.workers", "0", *args]
@@ -207,20 +228,38 @@ def test_demo_trains_evaluates_and_its_checkpoint_exports(tmp_path):
         [*cmd, "--train.ema_begin", "10"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    res = json.loads((tmp_path / "runs/demo/run/demo_results.json").read_text())
+    run = tmp_path / "runs/demo/soma"
+    res = json.loads((run / "demo_results.json").read_text())
     assert res["trained"]["targets"]["target (real)"]["pixels"] > 0
-    ckpt = tmp_path / "runs/demo/run/checkpoints/iter_20.pth"
+    ckpt = run / "checkpoints/iter_20.pth"
     loaded = load_model(ckpt)
     assert loaded.recipe.name == "soma_demo" and loaded.recipe.adapters.first_block == 1
     layers = dict(iter_adapted(loaded.model.backbone))
     assert layers and all(isinstance(la, SoMALinear) for la in layers.values())
     assert min(int(n.split(".")[1]) for n in layers) == 1  # block 0 untouched
-    out = tmp_path / "export"
-    assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--no-onnx"]) == 0
-    from safetensors.torch import load_file
 
-    merged = load_file(out / "model.safetensors")
+    export = tmp_path / "exports/demo-soma-iter20"
+    assert "RECYCLELORA_EXPORT=exports/demo-soma-iter20 make serve" in result.stdout
+    assert (export / "model.onnx").is_file()
+    merged = load_file(export / "model.safetensors")
     plain = build_model("tiny", adapters=None, img_size=128).state_dict()
     assert {k: tuple(v.shape) for k, v in merged.items()} == {
         k: tuple(v.shape) for k, v in plain.items()
     }
+    # the merged weights are the checkpoint's (EMA) model with its adapters folded in
+    qkv = loaded.model.backbone.blocks[1].attn.qkv
+    torch.testing.assert_close(merged["backbone.blocks.1.attn.qkv.weight"], qkv.merged())
+
+    frame = scene(0, 120, 240)
+    expected = segment(load_export(export, "onnxruntime"), frame)
+    assert len(np.unique(expected)) > 1  # a label map with several classes to agree on
+    with serving(export, tmp_path / "bentoml") as server:
+        response = httpx.post(
+            server.url + "/segment",
+            files={"image": ("frame.png", encoded(frame, "PNG"), "image/png")},
+            timeout=60,
+        )
+    assert response.status_code == 200, response.text
+    labels = Image.open(io.BytesIO(response.content))
+    assert labels.mode == "L" and labels.size == (240, 120)
+    assert np.array_equal(np.asarray(labels), expected)

@@ -331,11 +331,12 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 @pytest.mark.slow
 def test_sigterm_and_sigkill_then_resume_match_an_uninterrupted_run(tmp_path):
     args = ["--train.iterations", "16", "--train.ckpt_interval", "2", "--train.val_interval", "100"]
+    args.append("--no-export")
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
     done = run_cli(tmp_path / "a", *args)
     assert done.returncode == 0, done.stderr[-2000:]
-    ckpts = tmp_path / "b" / "runs" / "demo" / "run" / "checkpoints"
+    ckpts = tmp_path / "b" / "runs" / "demo" / "syn2real" / "checkpoints"
 
     proc = run_cli(tmp_path / "b", *args, wait=False)
     wait_for(ckpts / "iter_2.pth", proc)
@@ -351,9 +352,9 @@ def test_sigterm_and_sigkill_then_resume_match_an_uninterrupted_run(tmp_path):
     proc.wait(timeout=60)
     resumed = run_cli(tmp_path / "b", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(tmp_path / "a" / "runs/demo/run/checkpoints/iter_16.pth", weights_only=True)[
-        "model"
-    ]
+    a = torch.load(
+        tmp_path / "a" / "runs/demo/syn2real/checkpoints/iter_16.pth", weights_only=True
+    )["model"]
     b = torch.load(ckpts / "iter_16.pth", weights_only=True)["model"]
     assert_same(a, b)
 
@@ -386,14 +387,16 @@ def test_missing_data_and_weights_say_what_to_do(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_beats_an_untrained_model(tmp_path):
-    result = run_cli(tmp_path, "--train.iterations", "200", "--train.val_interval", "200")
+    args = ["--train.iterations", "200", "--train.val_interval", "200", "--no-export"]
+    result = run_cli(tmp_path, *args)
     assert result.returncode == 0, result.stderr[-2000:]
-    res = json.loads((tmp_path / "runs/demo/run/demo_results.json").read_text())
+    res = json.loads((tmp_path / "runs/demo/syn2real/demo_results.json").read_text())
     before = res["untrained"]["targets"]["target (real)"]["mIoU"]
     after = res["trained"]["targets"]["target (real)"]["mIoU"]
     assert after > 10 and after > 3 * before, (before, after)
-    assert "checkpoint: runs/demo/run/checkpoints/iter_200.pth" in result.stdout
-    assert (tmp_path / "runs/demo/run/adapters.safetensors").is_file()
+    assert "checkpoint: runs/demo/syn2real/checkpoints/iter_200.pth" in result.stdout
+    assert (tmp_path / "runs/demo/syn2real/adapters.safetensors").is_file()
+    assert not (tmp_path / "exports").exists()  # --no-export: training only
 
 
 def test_evaluate_cli_matches_an_independent_computation(tmp_path, demo_data, capsys):

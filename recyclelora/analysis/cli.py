@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..adapters.names import ADAPTER_NAMES
 from ..atomic import write_text
 from .collect import load_source
 from .figures import cosine_heatmaps, phi_per_block_plot
@@ -18,8 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="recyclelora-analyze",
         description=(
-            "Analyse RecycleLoRA adapters (paper Tables 1-2, Figs. 3-4): effective rank and rank "
-            "efficiency of each update, cosine similarity of A rows / B columns, main-sub "
+            "Analyse RecycleLoRA or SoMA adapters (paper Tables 1-2, Figs. 3-4): effective rank "
+            "and rank efficiency of each update, cosine similarity of A rows / B columns (SoMA's "
+            "q, k, v and main adapters each on their own), main-sub "
             "subspace similarity φ per block, column-norm ratio of A (RRQR-selected vs other)."
         ),
     )
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             written.append(phi_per_block_plot(phi, out / "phi_per_block.png"))
     s = result["summary"]
     print(f"{s['num_layers']} adapted layers")
-    for adapter in ("main", "sub"):
+    for adapter in ADAPTER_NAMES:
         if adapter in s:
             a = s[adapter]
             line = (

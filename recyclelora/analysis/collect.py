@@ -1,8 +1,8 @@
-"""Gather adapter tensors from a model, an adapter file or a training checkpoint."""
+"""Gather adapter tensors from a model, an adapter file or a training checkpoint: RecycleLoRA's
+main and sub adapters, SoMA's main adapter and the q, k, v adapters of a fused ``qkv`` layer."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from ..adapters.io import read_adapter_file
-
-ADAPTER_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<adapter>main|sub)_(?P<part>A0|B0|A|B)$")
-BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+from ..adapters.model import block_index
+from ..adapters.names import ADAPTER_KEY, ADAPTER_NAMES
 
 
 @dataclass
@@ -37,8 +36,7 @@ class LayerAdapters:
     @property
     def block(self) -> int | None:
         """First integer component of the layer name (``blocks.7.attn.qkv`` -> 7)."""
-        m = BLOCK_INDEX.search(self.name)
-        return int(m.group(1)) if m else None
+        return block_index(self.name)
 
 
 def from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, LayerAdapters]:
@@ -46,9 +44,13 @@ def from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, LayerAdapters]:
     for key, t in state.items():
         m = ADAPTER_KEY.match(key)
         if m:
-            parts.setdefault((m["layer"], m["adapter"]), {})[m["part"]] = t.detach().cpu()
+            layer, adapter, part, initial = m.groups()
+            parts.setdefault((layer or "", adapter), {})[part + initial] = t.detach().cpu()
     layers: dict[str, LayerAdapters] = {}
-    for (layer, adapter), p in sorted(parts.items()):
+    # layers by name, each layer's adapters in the order of ADAPTER_NAMES (main, sub, q, k, v)
+    for (layer, adapter), p in sorted(
+        parts.items(), key=lambda i: (i[0][0], ADAPTER_NAMES.index(i[0][1]))
+    ):
         if "A" not in p or "B" not in p:
             raise ValueError(f"{layer}: lora_{adapter} has {sorted(p)}, needs both A and B")
         entry = layers.setdefault(layer, LayerAdapters(layer))

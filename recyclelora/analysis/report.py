@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from statistics import mean
 
+from ..adapters.names import ADAPTER_NAMES
 from .collect import LayerAdapters
 from .metrics import (
     column_norm_stats,
@@ -42,10 +43,12 @@ def layer_stats(layer: LayerAdapters) -> dict:
 
 def summarise(layers: dict[str, LayerAdapters]) -> dict:
     """Per-layer stats plus the paper's aggregates: Table 1 (column-norm ratio, mean and max over
-    layers), Table 2 (mean effective rank and rank efficiency) and Fig. 4 (φ per block)."""
+    layers), Table 2 (mean effective rank and rank efficiency) and Fig. 4 (φ per block). Each
+    adapter name is aggregated on its own: RecycleLoRA's main and sub, SoMA's main (proj, fc1,
+    fc2) and q, k, v (the row blocks of qkv)."""
     per_layer = {name: layer_stats(layer) for name, layer in layers.items()}
     summary: dict = {"num_layers": len(per_layer)}
-    for adapter in ("main", "sub"):
+    for adapter in ADAPTER_NAMES:
         stats = [s[adapter] for s in per_layer.values() if adapter in s]
         if not stats:
             continue

@@ -4,7 +4,9 @@
 - training checkpoints, atomic and rotating (``training``);
 - mmseg 1.x / mmengine files read without running pickled code (``safe_pickle``,
   ``mmseg_read``), their key map (``mmseg_keys``), loading (``mmseg_load``) and export
-  (``mmseg_export``). The layout: ``docs/mmseg_checkpoint_layout.md``.
+  (``mmseg_export``);
+- SoMA's mmseg files: key map (``soma_keys``), loading and export (``soma_mmseg``).
+The layout: ``docs/mmseg_checkpoint_layout.md``.
 """
 
 from .errors import CheckpointError, MmsegCheckpointError, TrainingCheckpointError
@@ -18,6 +20,7 @@ from .mmseg_load import (
 )
 from .mmseg_read import read_mmseg_checkpoint
 from .safe_pickle import StubObject
+from .soma_mmseg import export_soma_checkpoint, load_soma_checkpoint
 from .training import list_checkpoints, load_latest, newest_checkpoint, save_checkpoint
 
 __all__ = [
@@ -30,10 +33,12 @@ __all__ = [
     "StubObject",
     "TrainingCheckpointError",
     "export_mmseg_checkpoint",
+    "export_soma_checkpoint",
     "inspect_checkpoint",
     "list_checkpoints",
     "load_latest",
     "load_mmseg_checkpoint",
+    "load_soma_checkpoint",
     "load_model",
     "load_trained_model",
     "newest_checkpoint",

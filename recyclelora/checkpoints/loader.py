@@ -27,6 +27,8 @@ from .mmseg_keys import AUTHORS_ALPHA, adapter_layout, find_alpha, map_key, stri
 from .mmseg_load import MmsegLoadReport, load_mmseg_file
 from .mmseg_read import MmsegFile, describe, looks_like_mmseg, mmseg_sections
 from .safe_pickle import RawCheckpoint, read_raw
+from .soma_keys import soma_config, soma_keys, soma_to_ours
+from .soma_mmseg import describe_soma, load_soma_file
 from .training import is_training_state, not_training_message
 
 Device = str | torch.device
@@ -36,9 +38,10 @@ Device = str | torch.device
 class LoadedModel:
     """A model ready for inference (``eval()``), and what it was loaded from.
 
-    ``kind``: "training" or "mmseg". ``iteration``: the training iteration when the file says
-    it. ``recipe``: a training checkpoint's recipe (None for other kinds). ``report``: what the
-    mmseg loader mapped, skipped and noted (None for training checkpoints).
+    ``kind``: "training", "mmseg" or "soma". ``iteration``: the training iteration when the
+    file says it. ``recipe``: a training checkpoint's recipe (None for other kinds). ``report``:
+    what the mmseg loader mapped, skipped and noted (None for training checkpoints). ``ema``: a
+    training checkpoint's ``ema`` entry (the training weights beside the average), if any.
     """
 
     model: nn.Module
@@ -47,6 +50,7 @@ class LoadedModel:
     iteration: int | None
     recipe: Recipe | None
     report: MmsegLoadReport | None
+    ema: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         at = "" if self.iteration is None else f", iteration {self.iteration}"
@@ -118,8 +122,9 @@ def _load_training(raw: RawCheckpoint, path: Path, device: Device) -> LoadedMode
         raise TrainingCheckpointError(
             f"{str(path)!r}: its weights do not fit the model its recipe describes ({e})"
         ) from e
+    ema = state.get("ema") if isinstance(state.get("ema"), Mapping) else None
     return LoadedModel(
-        model.to(device).eval(), "training", path, int(state["iteration"]), recipe, None
+        model.to(device).eval(), "training", path, int(state["iteration"]), recipe, None, ema
     )
 
 
@@ -257,15 +262,68 @@ def _load_mmseg(raw: RawCheckpoint, path: Path, device: Device) -> LoadedModel:
     report = load_mmseg_file(model, ckpt, where)
     report.notes[:0] = [f"built preset {preset!r}, {num_classes} classes, img_size {img_size}"]
     report.notes.extend(notes)
-    iteration = ckpt["meta"].get("iter")
+    return _loaded(model, "mmseg", path, ckpt["meta"], report, device)
+
+
+def _loaded(
+    model: nn.Module,
+    kind: str,
+    path: Path,
+    meta: Mapping[str, Any],
+    report: MmsegLoadReport,
+    device: Device,
+) -> LoadedModel:
+    """An mmseg-format file's LoadedModel, with the iteration its meta says."""
+    iteration = meta.get("iter")
     iteration = (
         iteration if isinstance(iteration, int) and not isinstance(iteration, bool) else None
     )
-    return LoadedModel(model.to(device).eval(), "mmseg", path, iteration, None, report)
+    return LoadedModel(model.to(device).eval(), kind, path, iteration, None, report)
 
 
 def _describe_mmseg(raw: RawCheckpoint, path: Path) -> str:
     return f"mmseg-format checkpoint {path}\n" + describe(mmseg_sections(raw, str(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# SoMA's mmseg-format checkpoints (theirs, or ours exported in their layout)
+
+
+def _is_soma(obj: Any) -> bool:
+    if not looks_like_mmseg(obj):
+        return False
+    state = obj["state_dict"] if isinstance(obj.get("state_dict"), Mapping) else obj
+    return bool(soma_keys(strip_module_prefix(state)[0]))
+
+
+def _load_soma(raw: RawCheckpoint, path: Path, device: Device) -> LoadedModel:
+    from ..models import build_model
+
+    where = str(path)
+    ckpt = mmseg_sections(raw, where)
+    mapped = soma_to_ours(strip_module_prefix(ckpt["state_dict"])[0], repr(where)).state
+    if "backbone.pos_embed" not in mapped:
+        raise MmsegCheckpointError(
+            f"{where!r} is a partial SoMA file (adapters, biases and head, no frozen backbone "
+            "weights): build the model from the DINOv2 weights its adapters started from, "
+            "build_model(preset, backbone_weights=..., adapters=SoMAConfig(...)), and load it "
+            "with load_soma_checkpoint(model, path, strict=False)"
+        )
+    num_classes = _num_classes(mapped, ckpt["meta"], where)
+    img_size = _img_size(mapped, ckpt["meta"], where)
+    config, notes = soma_config(mapped, ckpt["meta"], repr(where))
+    preset = _preset(mapped, num_classes, img_size, where)
+    model = build_model(
+        preset, num_classes, adapters=config, img_size=img_size, init_adapters=False
+    )
+    report = load_soma_file(model, ckpt, where)
+    report.notes[:0] = [f"built preset {preset!r}, {num_classes} classes, img_size {img_size}"]
+    report.notes.extend(notes)
+    return _loaded(model, "soma", path, ckpt["meta"], report, device)
+
+
+def _describe_soma(raw: RawCheckpoint, path: Path) -> str:
+    return f"SoMA mmseg-format checkpoint {path}\n" + describe_soma(mmseg_sections(raw, str(path)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +337,13 @@ FILE_KINDS: tuple[FileKind, ...] = (  # first match wins: a training state also 
         is_training_state,
         _load_training,
         _describe_training,
+    ),
+    FileKind(
+        "soma",
+        "a SoMA mmseg-format checkpoint (SoMA's release, or ours exported in their layout)",
+        _is_soma,
+        _load_soma,
+        _describe_soma,
     ),
     FileKind(
         "mmseg",
@@ -317,8 +382,10 @@ def load_model(path: str | os.PathLike, device: Device = "cpu") -> LoadedModel:
 
     A training checkpoint rebuilds the model of its recipe; an mmseg-format file builds the
     preset its shapes match, with the adapters it holds (ranks from the shapes, ``lora_alpha``
-    from its meta). Nothing in the file is executed. Raises FileNotFoundError, or
-    :class:`~recyclelora.checkpoints.errors.CheckpointError` saying what the file is not.
+    from its meta): RecycleLoRA's, or SoMA's for a file in SoMA's layout (first block and
+    targets from its adapted layers). Nothing in the file is executed. Raises
+    FileNotFoundError, or :class:`~recyclelora.checkpoints.errors.CheckpointError` saying
+    what the file is not.
     """
     path, kind, raw = _open(path)
     if raw is None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..adapters.config import RecycleLoRAConfig
+from ..adapters.config import AdapterConfig
 from ..adapters.layer import RecycleLoRALinear
 from ..adapters.model import find_config, iter_adapted
 from ..adapters.names import ADAPTER_KEY, compress_one_hot
@@ -33,7 +33,7 @@ def _cityscapes_dataset_meta(num_classes: int) -> dict[str, Any] | None:
     }
 
 
-def _plain_config(config: RecycleLoRAConfig) -> dict[str, Any]:
+def _plain_config(config: AdapterConfig) -> dict[str, Any]:
     d = config.to_dict()
     d["target_modules"] = list(d["target_modules"])
     return d
@@ -64,10 +64,10 @@ def _export_state(
     return out, factors
 
 
-def _meta(
+def export_meta(
     model: nn.Module,
-    config: RecycleLoRAConfig | None,
-    adapter_keys: AdapterKeys,
+    config: AdapterConfig | None,
+    adapter_keys: str,
     initial_factors: str,
 ) -> dict[str, Any]:
     """Plain-Python meta: ``cfg`` as the authors' configs spell it, ours under ``recyclelora``."""
@@ -135,7 +135,7 @@ def export_mmseg_checkpoint(
     else:
         status = "none" if not factors else "partial" if n_unknown else "stored"
     checkpoint: dict[str, Any] = {
-        "meta": {**_meta(model, config, adapter_keys, status), **dict(meta or {})},
+        "meta": {**export_meta(model, config, adapter_keys, status), **dict(meta or {})},
         "state_dict": state,
     }
     if factors:

@@ -84,31 +84,26 @@ def strip_module_prefix(state: Mapping[str, Any]) -> tuple[dict[str, Any], bool]
     return dict(state), False
 
 
-def soma_keys(state: Mapping[str, Any]) -> list[str]:
-    """Keys of SoMA's layout (``backbone.model.*``, LoRA as ``lora_A.weight`` modules)."""
-    return [k for k in state if k.startswith("backbone.model.") or ".lora_A.weight" in k]
-
-
 def soma_message(path: str, keys: list[str]) -> str:
     return (
-        f"{path!r}: not supported: this is a SoMA checkpoint (keys like {keys[0]!r}: SoraModel "
-        "wraps the backbone as backbone.model.*, attention split into q/k/v, LoRA as "
-        "lora_A.weight / lora_B.weight Linear modules). Merge it first (per q/k/v/proj/fc1/fc2: "
-        "W = weight + scaling * lora_B.weight @ lora_A.weight, then concatenate q, k, v into "
-        "attn.qkv), save the plain backbone as backbone.* keys and load that into a model built "
-        "with build_model(..., adapters=None)"
+        f"{path!r} is a SoMA checkpoint (keys like {keys[0]!r}: SoraModel wraps the backbone "
+        "as backbone.model.*, attention split into q/k/v, LoRA as lora_A.weight / "
+        "lora_B.weight modules): load it with load_soma_checkpoint(model, path) into a model "
+        "built with build_model(..., adapters=SoMAConfig(...)), or let load_model(path) build "
+        "the model"
     )
 
 
 def adapter_layout(mapped: Mapping[str, Tensor]) -> dict[str, dict[str, int]]:
-    """``{layer: {"main": r, "sub": r}}`` from our-named adapter keys (rank from the shapes)."""
+    """``{layer: {"main": r, "sub": r, ...}}`` from our-named adapter keys (rank from the
+    shapes; SoMA's ``q``, ``k``, ``v`` adapters too)."""
     layers: dict[str, dict[str, int]] = {}
     for key, t in mapped.items():
         m = ADAPTER_KEY.match(key)
         if m and not m[4] and m[1] and m[1].startswith("backbone."):
             r = t.shape[0] if m[3] == "A" else t.shape[-1]
             ranks = layers.setdefault(m[1], {"main": 0, "sub": 0})
-            ranks[m[2]] = max(ranks[m[2]], int(r))
+            ranks[m[2]] = max(ranks.get(m[2], 0), int(r))
     return layers
 
 

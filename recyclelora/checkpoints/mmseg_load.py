@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.config import RecycleLoRAConfig
-from ..adapters.layer import RecycleLoRALinear
+from ..adapters.layer import AdaptedLinear, RecycleLoRALinear
 from ..adapters.model import find_config, iter_adapted
 from ..adapters.names import expand_one_hot, tensor_key, tensor_name
 from ..adapters.reconstruct import (
@@ -45,12 +45,12 @@ from .mmseg_keys import (
     is_initial_factor,
     map_key,
     sample,
-    soma_keys,
     soma_message,
     stored_factors,
     strip_module_prefix,
 )
 from .mmseg_read import MmsegFile, read_mmseg_checkpoint
+from .soma_keys import soma_keys
 
 
 @dataclass
@@ -146,11 +146,18 @@ def _unwrap_state(ckpt: MmsegFile, path: str, report: MmsegLoadReport) -> dict[s
     soma = soma_keys(state)
     if soma:
         raise MmsegCheckpointError(soma_message(path, soma))
-    for name in ckpt["sections"]:
-        if name != FACTORS_SECTION:
-            reason = _SECTION_REASONS.get(name, "training state, not model weights")
-            report.skipped.append((f"[{name}]", reason))
+    skip_sections(ckpt["sections"], _SECTION_REASONS, report)
     return state
+
+
+def skip_sections(
+    sections: Mapping[str, Any], reasons: Mapping[str, str], report: MmsegLoadReport
+) -> None:
+    """List the sections that are not loaded in the report, with their ``reasons``."""
+    for name in sections:
+        if name != FACTORS_SECTION:
+            reason = reasons.get(name, "training state, not model weights")
+            report.skipped.append((f"[{name}]", reason))
 
 
 def _map_state(state: Mapping[str, Any], path: str, report: MmsegLoadReport) -> dict[str, Tensor]:
@@ -244,7 +251,7 @@ def _check_adapters(
     return f"RecycleLoRA adapters r_main={r_main}, r_sub={r_sub}"
 
 
-def _initial_factor_keys(adapted: Mapping[str, RecycleLoRALinear]) -> set[str]:
+def initial_factor_keys(adapted: Mapping[str, AdaptedLinear]) -> set[str]:
     return {
         tensor_key(name, adapter, part, initial=True)
         for name, layer in adapted.items()
@@ -253,7 +260,7 @@ def _initial_factor_keys(adapted: Mapping[str, RecycleLoRALinear]) -> set[str]:
     }
 
 
-def _check_keys(
+def check_keys(
     model_sd: Mapping[str, Tensor],
     mapped: Mapping[str, Tensor],
     factor_keys: set[str],
@@ -468,7 +475,7 @@ def load_mmseg_file(
     note = _check_adapters(model, adapted, mapped, ckpt["meta"], path, report)
     fmt += [note] if note else []
     model_sd = model.state_dict()
-    _check_keys(model_sd, mapped, _initial_factor_keys(adapted), path, strict, report)
+    check_keys(model_sd, mapped, initial_factor_keys(adapted), path, strict, report)
     layers = {n: layer for n, layer in adapted.items() if f"{n}.weight" in mapped}
     plan = _plan_factors(model, layers, mapped, ckpt, base_weights, atol, path, report)
     to_load = {k: v for k, v in mapped.items() if k in model_sd}
@@ -489,8 +496,8 @@ def load_mmseg_checkpoint(
     """Load an mmseg 1.x checkpoint (authors' RecycleLoRA, plain/merged DINOv2, our export).
 
     Key map: see :mod:`recyclelora.checkpoints.mmseg_keys`; a ``module.`` prefix is stripped,
-    known foreign entries are skipped and listed in the report, SoMA files are refused with an
-    explanation.
+    known foreign entries are skipped and listed in the report, SoMA files are refused: they
+    load with :func:`~recyclelora.checkpoints.soma_mmseg.load_soma_checkpoint`.
 
     Adapter ranks come from the tensor shapes and must equal the model's; an adapted file needs
     an adapted model and a plain (or merged) backbone a model built with ``adapters=None``.

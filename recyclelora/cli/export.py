@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoints import LoadedModel, export_mmseg_checkpoint, inspect_checkpoint, load_model
+from ..checkpoints.soma_mmseg import export_soma_checkpoint, is_soma_model
 from ..checkpoints.training import newest_checkpoint
 from . import fail
 
@@ -88,7 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="build the engine into this existing export directory (with --trt)",
     )
     mmseg = p.add_argument_group("mmseg 1.x layout")
-    mmseg.add_argument("--mmseg", type=Path, metavar="OUT.pth", help="write the model there")
+    mmseg.add_argument(
+        "--mmseg",
+        type=Path,
+        metavar="OUT.pth",
+        help="write the model there: the RecycleLoRA authors' layout, or SoMA's for a SoMA model "
+        "(with the EMA section, training weights, of a training checkpoint that has one)",
+    )
     mmseg.add_argument(
         "--merged",
         action="store_true",
@@ -203,18 +210,31 @@ def _no_engine_message(out: Path, precision: str, why: str, max_batch: int, size
     )
 
 
-def _export(args: argparse.Namespace) -> int:
+def export_checkpoint(
+    checkpoint: Path,
+    out: Path | None = None,
+    *,
+    input_size: list[int] | None = None,
+    max_batch: int = 8,
+    onnx: bool = True,
+    force: bool = False,
+    engine_precision: str | None = None,
+) -> Path:
+    """Write the export directory of ``checkpoint`` (default :func:`default_out`) and return it:
+    the one path from a checkpoint to an export, for this command and the training demo.
+
+    ``engine_precision``: also build a TensorRT engine of that precision (needs a CUDA GPU and
+    the tensorrt package here).
+    """
     from ..data.labels import CLASS_NAMES, palette
     from ..deploy.export import ExportRequest, add_engine, export_directory
 
     start = time.perf_counter()
-    path = _checkpoint(args.checkpoint)
-    loaded = load_model(path)
+    loaded = load_model(checkpoint)
     print(f"load: {time.perf_counter() - start:.1f} s, {str(loaded).splitlines()[0]}")
-    size, crop, stride = _geometry(loaded, args.input_size)
-    out = args.out if args.out is not None else default_out(loaded)
+    size, crop, stride = _geometry(loaded, input_size)
     request = ExportRequest(
-        out=out,
+        out=out if out is not None else default_out(loaded),
         classes=list(CLASS_NAMES),
         palette=palette().tolist(),
         images=check_images(*size),
@@ -222,19 +242,35 @@ def _export(args: argparse.Namespace) -> int:
         crop=crop,
         stride=stride,
         eval_scale=_eval_scale(loaded),
+        max_batch=max_batch,
+        onnx=onnx,
+        force=force,
+    )
+    engine = None
+    if engine_precision is not None:
+
+        def engine(directory, manifest, report):
+            add_engine(directory, manifest, report, engine_precision, request.images)
+
+    export_directory(loaded, request, engine=engine)
+    return request.out
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..deploy.manifest import Manifest
+
+    missing = _tensorrt_missing() if args.trt else None
+    out = export_checkpoint(
+        _checkpoint(args.checkpoint),
+        args.out,
+        input_size=args.input_size,
         max_batch=args.max_batch,
         onnx=args.onnx,
         force=args.force,
+        engine_precision=args.precision if args.trt and missing is None else None,
     )
-    missing = _tensorrt_missing() if args.trt else None
-    engine = None
-    if args.trt and missing is None:
-
-        def engine(directory, manifest, report):
-            add_engine(directory, manifest, report, args.precision, request.images)
-
-    export_directory(loaded, request, engine=engine)
     if missing is not None:
+        size = Manifest.read(out).input_size
         print(
             _no_engine_message(out, args.precision, missing, args.max_batch, size), file=sys.stderr
         )
@@ -288,9 +324,11 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         loaded = load_model(_checkpoint(args.checkpoint))
         print(loaded)
-        out = export_mmseg_checkpoint(
-            loaded.model, args.mmseg, adapter_keys="merged" if args.merged else "recyclelora"
-        )
+        if is_soma_model(loaded.model) and not args.merged:
+            out = export_soma_checkpoint(loaded.model, args.mmseg, ema=loaded.ema)
+        else:
+            keys = "merged" if args.merged else "recyclelora"
+            out = export_mmseg_checkpoint(loaded.model, args.mmseg, adapter_keys=keys)
     except (OSError, ValueError) as e:
         return fail(" ".join(str(e).split()))
     print(f"wrote {out}")

@@ -5,12 +5,15 @@
     torchrun --nproc_per_node 4 training/train.py syn2real --train.batch_size 4
     python training/train.py syn2real --dry-run        # print the resolved recipe, count params
     python training/train.py syn2real --demo           # CPU demo, generated data, minutes
+    python training/train.py soma --demo --no-export   # the SoMA baseline's demo, no export
 
 (``recyclelora-train`` is the same command.) Every recipe value can be overridden (see the list
 below); the resolved recipe is printed and saved as <work_dir>/recipe.json. Outputs in <work_dir>
 (default runs/<recipe>): checkpoints/iter_N.pth (last 3), val/iter_N/metrics.{json,md},
 tensorboard/, and at the end adapters.safetensors. Export and serving start from the last
-checkpoint. Exit codes: 0 done, 2 bad arguments, recipe or missing inputs, 3 non-finite loss.
+checkpoint. A demo trains in runs/demo/<recipe> (the generated data is shared in runs/demo/data)
+and ends by exporting its last checkpoint to exports/demo-<recipe>-iter<N>/, ready to serve.
+Exit codes: 0 done, 2 bad arguments, recipe or missing inputs, 3 non-finite loss.
 """
 
 from __future__ import annotations
@@ -46,9 +49,13 @@ from ..recipes import (
     to_json,
 )
 from . import fail
+from .export import export_checkpoint
 
 log = logging.getLogger("recyclelora.train")
 DEMO_DIR = Path("runs/demo")
+DEMO_ITERATIONS, DEMO_DEPTH = 1000, 4  # the demo's run length; the tiny preset's blocks
+# the demo's two evaluation sets, as demo_results.json names them
+DEMO_SOURCE, DEMO_TARGET = "source (synthetic)", "target (real)"
 
 WEIGHTS_HELP = (
     "The DINOv2-L backbone weights are expected at {path}. Download Meta's "
@@ -69,6 +76,11 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     )
     p.add_argument("recipe", choices=sorted(RECIPES), help="the paper's setting to train")
     p.add_argument("--demo", action="store_true", help="CPU demo on generated data (minutes)")
+    p.add_argument(
+        "--no-export",
+        action="store_true",
+        help="with --demo: train and evaluate only, do not export the final checkpoint",
+    )
     p.add_argument("--dry-run", action="store_true", help="print recipe and parameter counts")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -79,8 +91,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
 
 
 def demo_recipe(base: Recipe) -> Recipe:
-    """The full recipe machinery at CPU scale: tiny model, generated two-domain data."""
-    base = shrink(base, iterations=1000, depth=4)  # the tiny preset's 4 blocks
+    """The full recipe machinery at CPU scale: tiny model, generated two-domain data, a run
+    folder of the recipe's own (runs/demo/<recipe>), so that demos of two recipes never resume
+    each other."""
+    base = shrink(base, iterations=DEMO_ITERATIONS, depth=DEMO_DEPTH)
     return replace(
         base,
         name=f"{base.name}_demo",
@@ -103,7 +117,7 @@ def demo_recipe(base: Recipe) -> Recipe:
             log_interval=50,
         ),
         eval=replace(base.eval, mode="whole"),
-        work_dir=str(DEMO_DIR / "run"),
+        work_dir=str(DEMO_DIR / base.name),
     )
 
 
@@ -149,12 +163,15 @@ def prepare_demo_data(recipe: Recipe, ctx: distributed.Context) -> dict:
     distributed.barrier(ctx)
     scale = EvalTransform((256, 128))
     return {
-        "source (synthetic)": GTAV(root / "source_val" / "gta", transform=scale),
-        "target (real)": Cityscapes(root / "cityscapes", "val", transform=scale),
+        DEMO_SOURCE: GTAV(root / "source_val" / "gta", transform=scale),
+        DEMO_TARGET: Cityscapes(root / "cityscapes", "val", transform=scale),
     }
 
 
-def run_demo(recipe: Recipe, ctx: distributed.Context, resume: bool) -> int:
+def run_demo(recipe: Recipe, ctx: distributed.Context, resume: bool, export: bool = True) -> int:
+    """Train the demo, evaluate it against the untrained model (demo_results.json) and, with
+    ``export``, export the final checkpoint as ``export/merge_and_export.py --checkpoint`` would.
+    A rerun trains its run folder anew, so it replaces that run's export too."""
     evals = prepare_demo_data(recipe, ctx)
     train_set = build_train_set(
         {"gtav": dataset_root(recipe, "gtav")}, transform=TrainTransform(crop_size=recipe.data.crop)
@@ -165,7 +182,7 @@ def run_demo(recipe: Recipe, ctx: distributed.Context, resume: bool) -> int:
     ).to(ctx.device)
     before = evaluate(untrained, evals, ctx, mode="whole", workers=0)
     result = train(recipe, ctx, train_set, evals, resume=resume)
-    if not ctx.is_main:
+    if not ctx.is_main or result.stopped:  # the trainer said how to resume
         return 0
     if not result.metrics:
         print(f"nothing to train: {recipe.work_dir} already reached {result.iteration} iterations")
@@ -183,23 +200,37 @@ def run_demo(recipe: Recipe, ctx: distributed.Context, resume: bool) -> int:
         print(f"\n{title} (mIoU %):\n" + markdown_table(res, names).split("\n\n")[0])
     adapters = work / "adapters.safetensors"
     print(f"\ncheckpoint: {result.checkpoint}\nadapters:   {adapters}")
-    print("export and serving start from the checkpoint")
+    if not export:
+        print("export and serving start from the checkpoint")
+        return 0
+    out = export_checkpoint(result.checkpoint, force=True)
+    print(f"\nexport:     {out}\nserve it:   RECYCLELORA_EXPORT={out} make serve")
     return 0
 
 
-def dry_run(recipe: Recipe) -> None:
-    """Parameter counts of the recipe's model, built on the meta device (nothing allocated)."""
+def parameter_counts(recipe: Recipe) -> dict[str, int]:
+    """Parameter counts of the recipe's model, built on the meta device (nothing allocated):
+    the backbone, its trainable adapter numbers and biases, and the (trainable) decode head."""
     model = build_model(recipe.model, adapters=recipe.adapters, device="meta")
     trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
     biases = sum(p.numel() for p in trainable_biases(model.backbone))
-    head = sum(p.numel() for p in model.decode_head.parameters())
-    backbone = sum(p.numel() for p in model.backbone.parameters())
-    adapters = trainable - biases
+    return {
+        "backbone": sum(p.numel() for p in model.backbone.parameters()),
+        "adapters": trainable - biases,
+        "biases": biases,
+        "head": sum(p.numel() for p in model.decode_head.parameters()),
+    }
+
+
+def dry_run(recipe: Recipe) -> None:
+    """Print :func:`parameter_counts`."""
+    n = parameter_counts(recipe)
+    adapters, biases = n["adapters"], n["biases"]
     print(
-        f"backbone {backbone:,} parameters, of which trainable adapter parameters "
+        f"backbone {n['backbone']:,} parameters, of which trainable adapter parameters "
         f"{adapters:,} ({adapters / 1e6:.2f}M)"
         + (f" plus {biases:,} biases" if biases else "")
-        + f"; decode head {head:,} (trainable)"
+        + f"; decode head {n['head']:,} (trainable)"
     )
 
 
@@ -221,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(recipe)
             return 0
         if args.demo:
-            return run_demo(recipe, ctx, args.resume)
+            return run_demo(recipe, ctx, args.resume, export=not args.no_export)
         problems = missing_inputs(recipe)
         if problems:
             print(
