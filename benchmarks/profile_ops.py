@@ -144,45 +144,39 @@ def _order(label: str) -> int:
     return names.index(label) if label in names else len(names)
 
 
+def _row(variant: str, label: str, seconds: float, share: float, flops: int, rate: float) -> list:
+    achieved = flops / seconds if flops and seconds > 0 else None
+    return [
+        variant,
+        label,
+        f"{seconds * 1e3:,.0f}",
+        f"{100 * share:.1f}%",
+        f"{flops / 1e9:,.1f}" if flops else "-",
+        f"{achieved / 1e9:,.1f}" if achieved else "-",
+        f"{100 * achieved / rate:.0f}%" if achieved else "-",
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
-    blocks = []
+    """One table, the variants one after the other: each category, then the ops with counted
+    FLOPs together, then the whole forward (whose rate over sgemm is the fraction of floor)."""
     rate = report["matmul_rate_flops"]
+    m = report["meta"]
+    rows = []
     for variant, r in report["results"].items():
-        rows = []
         for k, c in r["categories"].items():
-            frac = c["fraction_of_sgemm"]
-            rows.append(
-                [
-                    k,
-                    f"{c['seconds'] * 1e3:,.0f}",
-                    f"{100 * c['share']:.1f}%",
-                    f"{c['flops'] / 1e9:,.1f}" if c["flops"] else "-",
-                    f"{c['flop_rate'] / 1e9:,.1f}" if c["flop_rate"] else "-",
-                    f"{100 * frac:.0f}%" if frac else "-",
-                ]
-            )
+            rows.append(_row(variant, k, c["seconds"], c["share"], c["flops"], rate))
+        counted = r["share_in_counted_flops"] * r["total_seconds"]
         rows.append(
-            [
-                "**total**",
-                f"{r['total_seconds'] * 1e3:,.0f}",
-                "100%",
-                f"{r['flops'] / 1e9:,.1f}",
-                f"{r['flops'] / r['total_seconds'] / 1e9:,.1f}",
-                f"{100 * r['fraction_of_floor']:.0f}% (of floor)",
-            ]
+            _row(variant, "*counted FLOPs*", counted, r["share_in_counted_flops"], r["flops"], rate)
         )
-        head = (
-            f"{report['meta']['preset']}, {variant}, {report['meta']['crop']}x"
-            f"{report['meta']['crop']} batch 1, eager fp32; sgemm {rate / 1e9:.1f} GFLOP/s; "
-            f"{100 * r['share_in_counted_flops']:.0f}% of the time in ops with counted FLOPs, "
-            f"at {100 * r['rate_in_counted_flops'] / rate:.0f}% of the sgemm rate"
-        )
-        table = markdown_table(
-            ["operators", "self ms", "share", "GFLOP", "GFLOP/s", "of sgemm rate"],
-            rows,
-        )
-        blocks.append(f"{head}\n\n{table}")
-    return "\n\n".join(blocks)
+        rows.append(_row(variant, "**forward**", r["total_seconds"], 1.0, r["flops"], rate))
+    head = (
+        f"{m['preset']}, {m['crop']}x{m['crop']} batch 1, PyTorch eager fp32, median of the "
+        f"profiled forwards; sgemm {rate / 1e9:.1f} GFLOP/s (the floor's rate)"
+    )
+    headers = ["variant", "operators", "self ms", "share", "GFLOP", "GFLOP/s", "of sgemm rate"]
+    return f"{head}\n\n{markdown_table(headers, rows, 'll' + 'r' * 5)}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
