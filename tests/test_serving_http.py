@@ -429,12 +429,27 @@ def test_start_up_without_an_export_says_how_to_make_one(tmp_path):
     assert "no export to serve" in out and "make demo && python export/merge_and_export.py" in out
 
 
+def wait_in_progress(server, endpoint: str, n: int, timeout: float = 30.0) -> None:
+    """Until BentoML's in-progress gauge of ``endpoint`` reaches ``n``: a request the server has
+    not received yet is not in flight, and a SIGTERM may rightly refuse its connection."""
+    pattern = re.compile(
+        rf'request_in_progress\{{[^}}]*endpoint="{re.escape(endpoint)}"[^}}]*\}}\s+([0-9.]+)'
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = pattern.search(httpx.get(server.url + "/metrics").text)
+        if m and float(m[1]) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{n} requests to {endpoint} were not in progress within {timeout} s")
+
+
 def test_sigterm_during_load_finishes_requests_in_flight_and_exits_0(demo_export, tmp_path):
     s = start(demo_export, tmp_path / "home")
     try:
         with cf.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(post, s, "/segment") for _ in range(8)]
-            time.sleep(0.5)  # requests in flight, none answered yet
+            wait_in_progress(s, "/segment", 8)  # all received by the server, none answered yet
             assert not any(f.done() for f in futures)
             s.process.send_signal(signal.SIGTERM)
             codes = [f.result().status_code for f in futures]
