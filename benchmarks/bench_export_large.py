@@ -74,7 +74,10 @@ def main() -> None:
         ("ONNX export", f"{result['export_s']:.0f} s (peak {result['export_peak_gib']:.1f} GiB)"),
         ("graph", f"opset {result['graph']['opset']}, {result['graph']['nodes']} nodes"),
         ("PyTorch CPU, 1 crop", f"{result['pytorch_cpu_s']:.1f} s"),
-        ("ONNX Runtime CPU, 1 crop + session", f"{result['onnxruntime_cpu_with_session_s']:.1f} s"),
+        (
+            "ONNX Runtime CPU, 1 crop + InferenceSession",
+            f"{result['onnxruntime_cpu_with_session_s']:.1f} s",
+        ),
         ("max error / logit range", f"{result['agreement']['rel_error']:.2e}"),
         ("argmax agreement", f"{result['agreement']['argmax_agreement']:.4%}"),
         ("peak memory", f"{result['peak_gib']:.1f} GiB"),

@@ -2,7 +2,7 @@
 
     python -m recyclelora.demo [--steps 60] [--out runs/adapter_demo]
 
-A tiny DINOv2 (random weights) learns a toy patch-labelling task through its RecycleLoRA adapters
+A tiny DINOv2 (random weights) learns a toy patch-labelling problem through its RecycleLoRA adapters
 and a linear head. The demo shows the three promises of the method: the adapted model starts
 exactly where the base model is, only the adapters (and the head) train, and merging gives a model
 with the base model's layers, keys and parameter count and the adapted model's outputs.

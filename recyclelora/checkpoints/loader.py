@@ -18,12 +18,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters.config import RecycleLoRAConfig
-from ..adapters.model import split_name
+from ..adapters.config import AdapterConfig, RecycleLoRAConfig
 from ..adapters.names import ADAPTERS
 from ..recipes import Recipe
 from .errors import CheckpointError, MmsegCheckpointError, TrainingCheckpointError
-from .mmseg_keys import AUTHORS_ALPHA, adapter_layout, find_alpha, map_key, strip_module_prefix
+from .mmseg_keys import (
+    AUTHORS_ALPHA,
+    adapter_layout,
+    find_alpha,
+    map_key,
+    ordered_targets,
+    strip_module_prefix,
+)
 from .mmseg_load import MmsegLoadReport, load_mmseg_file
 from .mmseg_read import MmsegFile, describe, looks_like_mmseg, mmseg_sections
 from .safe_pickle import RawCheckpoint, read_raw
@@ -216,9 +222,7 @@ def _adapter_config(
     if alpha is None:
         alpha = AUTHORS_ALPHA
         notes.append(f"lora_alpha not recorded; built with the authors' {AUTHORS_ALPHA:g}")
-    targets = {split_name(name)[1] for name in layout}
-    order = RecycleLoRAConfig.target_modules
-    target_modules = tuple(t for t in order if t in targets) + tuple(sorted(targets - set(order)))
+    target_modules = ordered_targets(layout, RecycleLoRAConfig.target_modules)
     config = RecycleLoRAConfig(
         ranks[ADAPTERS[0]], ranks[ADAPTERS[1]], alpha, target_modules=target_modules
     )
@@ -247,34 +251,37 @@ def _preset(mapped: Mapping[str, Tensor], num_classes: int, img_size, path: str)
 
 
 def _load_mmseg(raw: RawCheckpoint, path: Path, device: Device) -> LoadedModel:
+    ckpt = mmseg_sections(raw, str(path))
+    mapped = _mapped_tensors(ckpt)
+    config, notes = _adapter_config(mapped, ckpt["meta"])
+    return _build_and_load("mmseg", path, ckpt, mapped, config, notes, load_mmseg_file, device)
+
+
+def _build_and_load(
+    kind: str,
+    path: Path,
+    ckpt: MmsegFile,
+    mapped: Mapping[str, Tensor],
+    config: AdapterConfig | None,
+    notes: list[str],
+    load: Callable[[nn.Module, MmsegFile, str], MmsegLoadReport],
+    device: Device,
+) -> LoadedModel:
+    """The preset an mmseg-format file's tensors (in our names) fit, built with ``config``'s
+    adapters and loaded by ``load``; the iteration is the one its meta says."""
     from ..models import build_model
 
     where = str(path)
-    ckpt = mmseg_sections(raw, where)
-    mapped = _mapped_tensors(ckpt)
     num_classes = _num_classes(mapped, ckpt["meta"], where)
     img_size = _img_size(mapped, ckpt["meta"], where)
-    config, notes = _adapter_config(mapped, ckpt["meta"])
     preset = _preset(mapped, num_classes, img_size, where)
     model = build_model(
         preset, num_classes, adapters=config, img_size=img_size, init_adapters=False
     )
-    report = load_mmseg_file(model, ckpt, where)
+    report = load(model, ckpt, where)
     report.notes[:0] = [f"built preset {preset!r}, {num_classes} classes, img_size {img_size}"]
     report.notes.extend(notes)
-    return _loaded(model, "mmseg", path, ckpt["meta"], report, device)
-
-
-def _loaded(
-    model: nn.Module,
-    kind: str,
-    path: Path,
-    meta: Mapping[str, Any],
-    report: MmsegLoadReport,
-    device: Device,
-) -> LoadedModel:
-    """An mmseg-format file's LoadedModel, with the iteration its meta says."""
-    iteration = meta.get("iter")
+    iteration = ckpt["meta"].get("iter")
     iteration = (
         iteration if isinstance(iteration, int) and not isinstance(iteration, bool) else None
     )
@@ -297,8 +304,6 @@ def _is_soma(obj: Any) -> bool:
 
 
 def _load_soma(raw: RawCheckpoint, path: Path, device: Device) -> LoadedModel:
-    from ..models import build_model
-
     where = str(path)
     ckpt = mmseg_sections(raw, where)
     mapped = soma_to_ours(strip_module_prefix(ckpt["state_dict"])[0], repr(where)).state
@@ -309,17 +314,8 @@ def _load_soma(raw: RawCheckpoint, path: Path, device: Device) -> LoadedModel:
             "build_model(preset, backbone_weights=..., adapters=SoMAConfig(...)), and load it "
             "with load_soma_checkpoint(model, path, strict=False)"
         )
-    num_classes = _num_classes(mapped, ckpt["meta"], where)
-    img_size = _img_size(mapped, ckpt["meta"], where)
     config, notes = soma_config(mapped, ckpt["meta"], repr(where))
-    preset = _preset(mapped, num_classes, img_size, where)
-    model = build_model(
-        preset, num_classes, adapters=config, img_size=img_size, init_adapters=False
-    )
-    report = load_soma_file(model, ckpt, where)
-    report.notes[:0] = [f"built preset {preset!r}, {num_classes} classes, img_size {img_size}"]
-    report.notes.extend(notes)
-    return _loaded(model, "soma", path, ckpt["meta"], report, device)
+    return _build_and_load("soma", path, ckpt, mapped, config, notes, load_soma_file, device)
 
 
 def _describe_soma(raw: RawCheckpoint, path: Path) -> str:

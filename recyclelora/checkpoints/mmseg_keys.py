@@ -8,7 +8,7 @@ the authors' adapter tensors ``lora_{A|B}_{main|sub}`` are our ``lora_{main|sub}
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -105,6 +105,12 @@ def adapter_layout(mapped: Mapping[str, Tensor]) -> dict[str, dict[str, int]]:
             ranks = layers.setdefault(m[1], {"main": 0, "sub": 0})
             ranks[m[2]] = max(ranks.get(m[2], 0), int(r))
     return layers
+
+
+def ordered_targets(layers: Iterable[str], order: Sequence[str]) -> tuple[str, ...]:
+    """The last name components of ``layers``, in a config's ``order`` (others after, sorted)."""
+    targets = {name.rpartition(".")[2] for name in layers}
+    return tuple(t for t in order if t in targets) + tuple(sorted(targets - set(order)))
 
 
 def _alpha_in_config_dict(cfg: Any) -> float | None:

@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from ..adapters.config import SoMAConfig
-from ..adapters.model import block_index, split_name
+from ..adapters.model import block_index
 from ..adapters.names import ADAPTER_KEY, QKV_ADAPTERS
 from ..adapters.soma import FUSED_QKV
 from .errors import MmsegCheckpointError
-from .mmseg_keys import adapter_layout, find_alpha, map_key
+from .mmseg_keys import adapter_layout, find_alpha, map_key, ordered_targets
 
 #: SoMA's backbone prefix (``SoraModel.model`` is the DINOv2)
 SORA_PREFIX = "backbone.model."
@@ -173,7 +173,5 @@ def soma_config(
         raise MmsegCheckpointError(
             f"{where}: adapters outside the blocks ({layers[blocks.index(None)]})"
         )
-    targets = {split_name(n)[1] for n in layers}
-    order = SoMAConfig.target_modules
-    ordered = tuple(t for t in order if t in targets) + tuple(sorted(targets - set(order)))
-    return SoMAConfig(rank, alpha, min(blocks), ordered), notes
+    targets = ordered_targets(layers, SoMAConfig.target_modules)
+    return SoMAConfig(rank, alpha, min(blocks), targets), notes

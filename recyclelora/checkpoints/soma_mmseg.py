@@ -2,7 +2,7 @@
 
 Their files hold the EMA weights in ``state_dict`` and, with mmengine's ``EMAHook``, the raw
 training weights in ``ema_state_dict`` (the hook swaps the two at save time); their released
-per-task files are partial (adapters, biases and head: no frozen residuals). The key map is
+per-benchmark files are partial (adapters, biases and head: no frozen residuals). The key map is
 :mod:`.soma_keys`; the checks, the report and the reader are the mmseg loader's. Every check
 runs before anything is loaded: a file that does not fit leaves the model as it was.
 """
@@ -113,7 +113,7 @@ def _check_layers(
 def _absent_backbone(
     model_sd: Mapping[str, Tensor], mapped: Mapping[str, Tensor], factor_keys: set[str]
 ) -> list[str]:
-    """Backbone keys the file lacks: a partial file (SoMA's per-task releases)."""
+    """Backbone keys the file lacks: a partial file (SoMA's per-benchmark releases)."""
     return [
         k
         for k in model_sd
@@ -254,10 +254,11 @@ def load_soma_file(
     if absent and strict:
         raise MmsegCheckpointError(
             f"{path!r} is a partial SoMA file: it lacks {len(absent)} backbone keys "
-            f"({sample(absent, 4)}), e.g. the frozen residual weights (SoMA's per-task releases "
-            "hold adapters, biases and head only). Load it with strict=False into a model whose "
-            "residuals were initialised from the same DINOv2 weights: build_model(preset, "
-            f"backbone_weights=DINOV2_FILE, adapters={_config_text(file_config)})"
+            f"({sample(absent, 4)}), e.g. the frozen residual weights (SoMA's per-benchmark "
+            "releases hold adapters, biases and head only). Load it with strict=False into a "
+            "model whose residuals were initialised from the same DINOv2 weights: "
+            "build_model(preset, backbone_weights=DINOV2_FILE, "
+            f"adapters={_config_text(file_config)})"
         )
     check_keys(model_sd, mapped, factor_keys, path, strict, report)
     factors = _plan_factors(adapted, mapped, ckpt, config, base_weights, rtol, path, report)
