@@ -11,16 +11,20 @@ with the gather sampler of the exported graphs: crops of batch 1 and 4, and one 
 ``segment``'s sliding window. The variants are interleaved repetition by repetition (their order
 rotating), so the machine's load hits them alike.
 
-Reported per preset x backend x input: median and p90 of each variant, merged/base (and
-unmerged/base) as the ratio of medians with a paired, seeded bootstrap 95 % interval, and the
-floor: the FLOPs of one forward (``FlopCounterMode``) over this device's matmul rate measured in
-the same run, with "fraction of floor" = floor / median. Writes ``OUT/latency.json``,
-``OUT/latency.png`` and prints a markdown table. ONNX graphs are exported once and cached under
-``OUT/graphs`` (keyed by preset, variant, geometry, weights, versions and the model's source).
+Reported per preset x backend x input: median and p90 of each variant; merged/base (and
+unmerged/base) as the geometric mean of the per-repetition ratios (the two variants of a
+repetition run back to back, so a ratio cancels the machine's load of the moment) with a
+seeded bootstrap 95 % interval over repetitions; and the floor: the FLOPs of one forward
+(``FlopCounterMode``) over this device's matmul rate measured in the same run, with "fraction
+of floor" = floor / median. Writes ``OUT/latency.json``, ``OUT/latency.png`` and prints a
+markdown table. ONNX graphs are exported once and cached under ``OUT/graphs`` (keyed by preset,
+variant, geometry, weights, versions and the model's source).
 
     python benchmarks/latency.py                       # both presets, all backends
     python benchmarks/latency.py --adaptive            # + repetitions of the primary case
+    python benchmarks/latency.py --primary             # the primary case alone, until ±0.02
     python benchmarks/latency.py --quick               # tiny, small inputs, eager: a smoke run
+    python benchmarks/latency.py --reanalyse benchmarks/out/latency.json
 
 ``torch.compile`` of the large preset can take very long on a small CPU: its compilation is
 bounded by ``--compile-timeout`` seconds per preset (the backend is then skipped, and the output
@@ -56,7 +60,7 @@ from measure import (  # noqa: E402
     forward_flops,
     markdown_table,
     matmul_rate,
-    ratio_of_medians_ci,
+    paired_ratio_ci,
     summarize,
     timed,
     write_json,
@@ -79,6 +83,7 @@ CASES = ("crop_b1", "crop_b4", "frame")
 PRIMARY_CASE, PRIMARY_BACKENDS = "crop_b1", ("eager", "ort")
 MAX_BATCH = 8  # the export's default: a frame's 18 windows run as 8 + 8 + 2
 NO_GPU = "no GPU: GPU backends skipped"
+RATIO = "geometric mean of the per-repetition ratios, percentile bootstrap over repetitions"
 SOURCES = ("models", "adapters", "deploy/onnx_graph.py")  # what a cached graph depends on
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,15 +243,28 @@ def repetition(figures: Sequence[Figure], rep: int) -> None:
             f.times.append(time.perf_counter() - start)
 
 
+def ratios(times: dict[str, Sequence[float]], args: argparse.Namespace) -> dict[str, Any]:
+    """``merged_over_base`` and ``unmerged_over_base`` with their ``..._ci95`` intervals from the
+    variants' times of one backend and input (:func:`measure.paired_ratio_ci`)."""
+    out: dict[str, Any] = {}
+    for v in ("merged", "unmerged"):
+        if v in times and "base" in times:
+            k = min(len(times[v]), len(times["base"]))  # whole repetitions only
+            r, lo, hi = paired_ratio_ci(
+                times[v][:k], times["base"][:k], resamples=args.resamples, seed=args.seed
+            )
+            out[f"{v}_over_base"], out[f"{v}_over_base_ci95"] = r, [lo, hi]
+    return out
+
+
 def half_width(figures: Sequence[Figure], args: argparse.Namespace) -> float:
     """The widest distance from merged/base to its CI bounds over the given figures' groups."""
     worst = 0.0
     for group in _groups(figures).values():
-        if {"base", "merged"} <= set(group):
-            r, lo, hi = ratio_of_medians_ci(
-                group["merged"].times, group["base"].times, resamples=args.resamples, seed=args.seed
-            )
-            worst = max(worst, r - lo, hi - r)
+        rec = ratios({v: f.times for v, f in group.items()}, args)
+        if "merged_over_base" in rec:
+            lo, hi = rec["merged_over_base_ci95"]
+            worst = max(worst, rec["merged_over_base"] - lo, hi - rec["merged_over_base"])
     return worst
 
 
@@ -362,17 +380,18 @@ class Preset:
         ]
         rep = args.repeats
         if args.adaptive and primary:
-            start = time.perf_counter()
+            start, width = time.perf_counter(), half_width(primary, args)
             while (
-                half_width(primary, args) > args.target_half_width
+                width > args.target_half_width
                 and rep < args.max_repeats
                 and time.perf_counter() - start < args.time_budget
             ):
                 repetition(primary, rep)
-                rep += 1
+                rep, width = rep + 1, half_width(primary, args)
+                print(f"  {self.name}: repetition {rep}, merged/base within ±{width:.3f}")
             print(
                 f"  {self.name}: primary case after {rep} repetitions, merged/base within "
-                f"±{half_width(primary, args):.3f} (target ±{args.target_half_width})"
+                f"±{width:.3f} (target ±{args.target_half_width})"
             )
         return figures
 
@@ -398,16 +417,7 @@ class Preset:
                 "floor_s": {v: flops[v] / rate for v in group},
                 "fraction_of_floor": {v: flops[v] / rate / stats[v]["median_s"] for v in group},
             }
-            for v in ("merged", "unmerged"):
-                if v in group and "base" in group:
-                    k = min(len(group[v].times), len(group["base"].times))
-                    r, lo, hi = ratio_of_medians_ci(
-                        group[v].times[:k],
-                        group["base"].times[:k],
-                        resamples=self.args.resamples,
-                        seed=self.args.seed,
-                    )
-                    rec[f"{v}_over_base"], rec[f"{v}_over_base_ci95"] = r, [lo, hi]
+            rec.update(ratios({v: f.times for v, f in group.items()}, self.args))
             if (backend_name, case) in self.agreement:
                 rec["rel_error_vs_eager_base"] = self.agreement[(backend_name, case)]
             rec["times_s"] = {v: f.times for v, f in group.items()}
@@ -447,6 +457,13 @@ def _ms(s: float) -> str:
     return f"{1e3 * s:,.1f}" if s < 10 else f"{1e3 * s:,.0f}"
 
 
+def _ratio_cell(rec: dict[str, Any], variant: str) -> str:
+    if f"{variant}_over_base" not in rec:
+        return "-"
+    lo, hi = rec[f"{variant}_over_base_ci95"]
+    return f"{rec[f'{variant}_over_base']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def markdown(report: dict[str, Any]) -> str:
     headers = [
         "preset",
@@ -456,7 +473,7 @@ def markdown(report: dict[str, Any]) -> str:
         "merged ms",
         "un-merged ms",
         "merged / base (95% CI)",
-        "un-merged / base",
+        "un-merged / base (95% CI)",
         "floor ms (base, un-merged)",
         "merged: fraction of floor",
     ]
@@ -473,11 +490,7 @@ def markdown(report: dict[str, Any]) -> str:
                     else "-"
                     for v in VARIANTS
                 }
-                ratio = "-"
-                if "merged_over_base" in r:
-                    lo, hi = r["merged_over_base_ci95"]
-                    ratio = f"{r['merged_over_base']:.3f} [{lo:.3f}, {hi:.3f}]"
-                unmerged = f"{r['unmerged_over_base']:.3f}" if "unmerged_over_base" in r else "-"
+                ratio, unmerged = (_ratio_cell(r, v) for v in ("merged", "unmerged"))
                 floor = r["floor_s"]
                 floors = ", ".join(_ms(floor[v]) for v in ("base", "unmerged") if v in floor)
                 frac = r["fraction_of_floor"].get("merged")
@@ -564,6 +577,21 @@ def _per_preset(
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny preset at a quarter size, 3 reps")
+    p.add_argument(
+        "--primary",
+        action="store_true",
+        help="only the primary case (512x512 batch 1 of base and merged on eager and ONNX\n"
+        "Runtime), adaptive up to --max-repeats 1000 or --time-budget 7200 s; written as\n"
+        "OUT/latency_primary.json (large preset; with --quick: tiny, eager, 30 at most)",
+    )
+    p.add_argument(
+        "--reanalyse",
+        type=Path,
+        metavar="JSON",
+        help="recompute the ratios of a finished run's stored times with this version's\n"
+        "statistics: rewrites JSON and its chart beside it and prints the table",
+    )
+    p.add_argument("--name", help="OUT/NAME.json and OUT/NAME.png (default latency)")
     p.add_argument("--preset", action="append", choices=(LARGE, TINY), help="repeatable")
     p.add_argument("--backends", help=f"comma-separated, of: {', '.join(BACKENDS)}")
     p.add_argument("--cases", help=f"comma-separated, of: {', '.join(CASES)}")
@@ -581,14 +609,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="PRESET=BACKENDS",
         help="a subset of --backends for one preset (repeatable)",
     )
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--graph-variants", help="variants exported for ONNX Runtime / TensorRT")
     p.add_argument("--repeats", type=int, help="interleaved repetitions (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="calls per figure before timing")
     p.add_argument("--adaptive", action="store_true", help="repeat the primary case until ...")
     p.add_argument("--target-half-width", type=float, default=0.02, help="... merged/base ± this")
-    p.add_argument("--max-repeats", type=int, default=60, help="... or this many repetitions")
-    p.add_argument("--time-budget", type=float, default=3600, help="... or this many seconds")
+    p.add_argument("--max-repeats", type=int, help="... or this many repetitions (default 60)")
+    p.add_argument("--time-budget", type=float, help="... or this many seconds (default 3600)")
     p.add_argument("--compile-timeout", type=float, default=1800, help="s of compiling / preset")
     p.add_argument("--crop", type=int, help="crop side (default 512)")
     p.add_argument("--stride", type=int, help="sliding-window stride (default 341)")
@@ -599,6 +627,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = p.parse_args(argv)
     quick = args.quick
+    if args.primary:
+        args.preset = args.preset or [TINY if quick else LARGE]
+        if not quick:  # the quick run leaves graphs out (see below)
+            args.backends = args.backends or ",".join(PRIMARY_BACKENDS)
+        args.cases, args.variants = args.cases or PRIMARY_CASE, args.variants or "base,merged"
+        args.adaptive = True
+    args.name = args.name or ("latency_primary" if args.primary else "latency")
+    args.max_repeats = args.max_repeats or ((30 if quick else 1000) if args.primary else 60)
+    args.time_budget = args.time_budget or (7200 if args.primary else 3600)
+    args.variants = args.variants or ",".join(VARIANTS)
     args.preset = args.preset or ([TINY] if quick else [LARGE, TINY])
     args.geometry = Geometry(
         crop=args.crop or (128 if quick else 512),
@@ -626,8 +664,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def reanalyse(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The report at ``path`` with every ratio recomputed from its stored times."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        for cases in (c for backends in report["results"].values() for c in backends.values()):
+            for rec in cases.values():
+                rec.update(ratios(rec["times_s"], args))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a latency report this script can read ({e})") from e
+    report["meta"]["ratio"] = RATIO
+    return report
+
+
+def report_out(report: dict[str, Any], json_path: Path) -> int:
+    """Print the table and the skips, write the JSON and the chart beside it."""
+    print()
+    print(markdown(report))
+    for s in report["skipped"]:
+        print(f"\nskipped: {s['preset']} {s['backend']} {s['case']}: {s['reason']}", end="")
+    print()
+    chart = plot(report, json_path.with_suffix(".png"))
+    print(f"wrote {write_json(json_path, report)} and {chart}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.reanalyse is not None:
+        try:
+            report = reanalyse(args.reanalyse, args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return report_out(report, args.reanalyse)
     backends, skipped = select_backends(args.backends)
     if "compile" in {b.name for b in backends}:
         print(f"torch.compile: bounded to {args.compile_timeout:.0f} s of compiling per preset")
@@ -641,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeats": args.repeats,
             "warmup": args.warmup,
             "adaptive": args.adaptive,
+            "ratio": RATIO,
             "seed": args.seed,
         },
         "matmul_rate_flops": rates,
@@ -648,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": {},
         "skipped": skipped,
     }
-    out = args.out / "latency.json"
+    out = args.out / f"{args.name}.json"
     for name in args.preset:
         preset = Preset(name, args, backends)
         flops = preset.flops
@@ -665,14 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(out, report)  # after each preset: a long run keeps what it measured
         del preset, figures
         gc.collect()
-    table = markdown(report)
-    print()
-    print(table)
-    for s in report["skipped"]:
-        print(f"\nskipped: {s['preset']} {s['backend']} {s['case']}: {s['reason']}", end="")
-    print()
-    print(f"wrote {write_json(out, report)} and {plot(report, args.out / 'latency.png')}")
-    return 0
+    return report_out(report, out)
 
 
 if __name__ == "__main__":

@@ -34,15 +34,16 @@ from measure import REPO, device_line, versions  # noqa: E402
 from recyclelora.atomic import write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-#: marker name -> script, in the order they run
-BENCHMARKS: dict[str, str] = {
-    "latency": "latency.py",
-    "profile": "profile_ops.py",
-    "rrqr_init": "bench_rrqr_init.py",
-    "data": "bench_data.py",
-    "train_step": "bench_train_step.py",
-    "serving": "bench_serving.py",
-    "compare": "compare.py",
+#: marker name -> script and its own arguments, in the order they run
+BENCHMARKS: dict[str, tuple[str, ...]] = {
+    "latency": ("latency.py",),
+    "latency_primary": ("latency.py", "--primary"),
+    "profile": ("profile_ops.py",),
+    "rrqr_init": ("bench_rrqr_init.py",),
+    "data": ("bench_data.py",),
+    "train_step": ("bench_train_step.py",),
+    "serving": ("bench_serving.py",),
+    "compare": ("compare.py",),
 }
 
 
@@ -127,11 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
     failed = []
     for name in names:
-        script = HERE / BENCHMARKS[name]
+        script_name, *own = BENCHMARKS[name]
+        script = HERE / script_name
         if not script.is_file():
             print(f"skipped {name}: {shown(script)} does not exist", flush=True)
             continue
-        extra = [*(["--quick"] if args.quick else []), "--out", str(out)]
+        extra = [*own, *(["--quick"] if args.quick else []), "--out", str(out)]
         extra += shlex.split(getattr(args, f"{name}_args"))
         command = shlex.join(
             ["python", shown(script), *(shown(out) if a == str(out) else a for a in extra)]

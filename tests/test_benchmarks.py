@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import re
 import subprocess
 import sys
@@ -79,17 +80,23 @@ def test_merged_costs_the_base_flops_and_unmerged_adds_exactly_the_adapters():
 
 def test_ratio_ci_of_identical_samples_is_one():
     t = [0.31, 0.29, 0.35, 0.30, 0.52, 0.28, 0.33]
-    assert measure.ratio_of_medians_ci(t, t, resamples=500) == (1.0, 1.0, 1.0)
+    assert measure.paired_ratio_ci(t, t, resamples=500) == (1.0, 1.0, 1.0)
 
 
 def test_ratio_ci_is_paired_by_repetition():
     """Numerator = 1.1 x denominator, repetition by repetition, while the load varies 10x across
-    repetitions: resampling repetitions keeps the pairs, so the interval is the ratio itself.
-    Resampling the two samples independently would give a wide interval."""
+    repetitions: the pairs are kept, so the interval is the ratio itself. Resampling the two
+    samples independently would give a wide interval."""
     b = np.random.default_rng(1).lognormal(0.0, 1.0, size=21)
-    r, lo, hi = measure.ratio_of_medians_ci(1.1 * b, b, resamples=2000, seed=3)
+    r, lo, hi = measure.paired_ratio_ci(1.1 * b, b, resamples=2000, seed=3)
     assert r == pytest.approx(1.1, rel=1e-12)
     assert lo == pytest.approx(1.1, rel=1e-12) and hi == pytest.approx(1.1, rel=1e-12)
+
+
+def test_ratio_is_the_geometric_mean_of_the_paired_ratios():
+    a, b = [2.0, 3.0, 5.0], [1.0, 4.0, 2.5]
+    expected = (2.0 / 1.0 * 3.0 / 4.0 * 5.0 / 2.5) ** (1 / 3)  # by hand: 3 ** (1/3)
+    assert measure.paired_ratio_ci(a, b, resamples=10)[0] == pytest.approx(expected, rel=1e-14)
 
 
 def test_ratio_ci_matches_the_exact_bootstrap_distribution():
@@ -98,17 +105,20 @@ def test_ratio_ci_matches_the_exact_bootstrap_distribution():
     rng = np.random.default_rng(0)  # quantiles 2.5 % and 5 % differ: the level is checked
     b, a = rng.uniform(1.0, 2.0, 6), rng.uniform(1.0, 2.0, 6)
     every = np.array(list(itertools.product(range(6), repeat=6)))
-    exact = np.median(a[every], axis=1) / np.median(b[every], axis=1)
+    ratio = a / b
+    exact = np.array([math.prod(ratio[i]) ** (1 / 6) for i in every])
     q = np.quantile(exact, [0.02, 0.03, 0.97, 0.98])
-    r, lo, hi = measure.ratio_of_medians_ci(a, b, resamples=50_000, seed=0)
-    assert r == np.median(a) / np.median(b)
+    r, lo, hi = measure.paired_ratio_ci(a, b, resamples=50_000, seed=0)
+    assert r == pytest.approx(math.prod(ratio) ** (1 / 6), rel=1e-12)
     assert q[0] <= lo <= q[1] and q[2] <= hi <= q[3]
-    assert measure.ratio_of_medians_ci(a, b, resamples=50_000, seed=0) == (r, lo, hi)  # seeded
+    assert measure.paired_ratio_ci(a, b, resamples=50_000, seed=0) == (r, lo, hi)  # seeded
 
 
-def test_ratio_ci_refuses_unpaired_samples():
+def test_ratio_ci_refuses_unpaired_or_non_positive_samples():
     with pytest.raises(ValueError, match="paired"):
-        measure.ratio_of_medians_ci([1.0, 2.0], [1.0, 2.0, 3.0])
+        measure.paired_ratio_ci([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="positive"):
+        measure.paired_ratio_ci([1.0, 0.0], [1.0, 2.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +164,12 @@ def run_script(*args: str) -> str:
     return proc.stdout
 
 
+def geometric_mean_ratio(rec: dict, variant: str) -> float:
+    """``variant``/base of a latency record, recomputed by hand from its stored times."""
+    pairs = list(zip(rec["times_s"][variant], rec["times_s"]["base"], strict=False))
+    return math.prod(v / b for v, b in pairs) ** (1 / len(pairs))
+
+
 def check_latency_report(path: Path, backends: set[str]) -> dict:
     report = json.loads(path.read_text())
     results = report["results"]["tiny"]
@@ -165,7 +181,7 @@ def check_latency_report(path: Path, backends: set[str]) -> dict:
             lo, hi = r["merged_over_base_ci95"]
             assert lo <= r["merged_over_base"] <= hi
             med = r["median_s"]
-            assert r["merged_over_base"] == pytest.approx(med["merged"] / med["base"])
+            assert r["merged_over_base"] == pytest.approx(geometric_mean_ratio(r, "merged"))
             for key in PER_FIGURE:
                 assert set(r[key]) >= {"base", "merged"}, (backend, case, key)
             assert r["flops"]["merged"] == r["flops"]["base"]
@@ -211,7 +227,8 @@ def test_run_all_quick_rewrites_only_the_sections(quick_run):
         assert f"old {name}" not in body
         assert "- Device: " in body and "- Date: " in body and "torch " in body
         command = re.search(r"- Command: `([^`]*)`", body).group(1)
-        assert command.startswith(f"python benchmarks/{run_all.BENCHMARKS[name]} --quick --out ")
+        script = " ".join(run_all.BENCHMARKS[name])
+        assert command.startswith(f"python benchmarks/{script} --quick --out ")
         assert re.search(r"^\| .* \|$", body, flags=re.M), f"no table in the {name} section"
     assert "no GPU: GPU backends skipped" in stdout
 
@@ -223,6 +240,49 @@ def test_latency_quick_writes_the_json_keys_and_a_png(quick_run):
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("rrqr_init", "data", "train_step"):
         assert json.loads((out / f"{name}.json").read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_latency_primary_repeats_base_and_merged_alone(quick_run):
+    report = json.loads((quick_run[0] / "out" / "latency_primary.json").read_text())
+    assert report["meta"]["adaptive"] and "geometric mean" in report["meta"]["ratio"]
+    assert list(report["results"]) == ["tiny"] and list(report["results"]["tiny"]) == ["eager"]
+    r = report["results"]["tiny"]["eager"]
+    assert list(r) == ["crop_b1"]
+    r = r["crop_b1"]
+    assert set(r["times_s"]) == {"base", "merged"}
+    n = r["repeats"]["base"]
+    assert r["repeats"]["merged"] == n and 3 <= n <= 30
+    lo, hi = r["merged_over_base_ci95"]
+    # it stopped at ±0.02 or at its 30 repetitions
+    assert n == 30 or max(r["merged_over_base"] - lo, hi - r["merged_over_base"]) <= 0.02
+    assert r["merged_over_base"] == pytest.approx(geometric_mean_ratio(r, "merged"), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_reanalyse_recomputes_the_ratios_of_stored_times(quick_run, tmp_path):
+    """Merged times scaled by 1.25 after the run: the reanalysed ratio and interval scale
+    exactly (a geometric mean of ratios), the medians are left as measured."""
+    report = json.loads((quick_run[0] / "out" / "latency_primary.json").read_text())
+    r = report["results"]["tiny"]["eager"]["crop_b1"]
+    before = r["merged_over_base"], *r["merged_over_base_ci95"]
+    r["times_s"]["merged"] = [1.25 * t for t in r["times_s"]["merged"]]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(report))
+    stdout = run_script(str(BENCH / "latency.py"), "--reanalyse", str(path))
+    again = json.loads(path.read_text())["results"]["tiny"]["eager"]["crop_b1"]
+    after = again["merged_over_base"], *again["merged_over_base_ci95"]
+    assert after == pytest.approx([1.25 * x for x in before], rel=1e-12)
+    assert again["median_s"] == r["median_s"]
+    assert f"{after[0]:.3f} [{after[1]:.3f}, {after[2]:.3f}]" in stdout
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path.write_text('{"results": {"tiny": []}}')
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "latency.py"), "--reanalyse", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "not a latency report" in proc.stderr
 
 
 @pytest.mark.slow

@@ -385,6 +385,19 @@ def test_load_model_and_the_exporter_take_soma_files(world, tmp_path, capsys):
     assert weights.keys() == world["plain"].state_dict().keys()
 
 
+def test_mmseg_export_of_a_soma_mmseg_file_keeps_its_ema_section(world, tmp_path):
+    """SoMA's file in, SoMA's layout out: both sections come back tensor for tensor."""
+    out = tmp_path / "again.pth"
+    assert main(["--checkpoint", str(world["full"]), "--mmseg", str(out)]) == 0
+    before = torch.load(world["full"], weights_only=True)
+    after = torch.load(out, weights_only=True)
+    for section in ("state_dict", "ema_state_dict"):
+        assert after[section].keys() == before[section].keys(), section
+        for k, v in before[section].items():
+            assert torch.equal(after[section][k], v), (section, k)
+    assert int(after["ema_state_dict"]["steps"]) == 28000
+
+
 def test_mmseg_export_of_a_soma_training_checkpoint(world, tmp_path):
     recipe = replace(tiny_recipe(tmp_path), name="soma", adapters=CFG)
     model = fresh()

@@ -34,7 +34,7 @@ from .mmseg_load import MmsegLoadReport, load_mmseg_file
 from .mmseg_read import MmsegFile, describe, looks_like_mmseg, mmseg_sections
 from .safe_pickle import RawCheckpoint, read_raw
 from .soma_keys import soma_config, soma_keys, soma_to_ours
-from .soma_mmseg import describe_soma, load_soma_file
+from .soma_mmseg import describe_soma, load_soma_file, soma_ema_entry
 from .training import is_training_state, not_training_message
 
 Device = str | torch.device
@@ -47,7 +47,8 @@ class LoadedModel:
     ``kind``: "training", "mmseg" or "soma". ``iteration``: the training iteration when the
     file says it. ``recipe``: a training checkpoint's recipe (None for other kinds). ``report``:
     what the mmseg loader mapped, skipped and noted (None for training checkpoints). ``ema``: a
-    training checkpoint's ``ema`` entry (the training weights beside the average), if any.
+    training checkpoint's ``ema`` entry (the training weights beside the average), or a SoMA
+    file's EMA section in that form, if any.
     """
 
     model: nn.Module
@@ -315,7 +316,9 @@ def _load_soma(raw: RawCheckpoint, path: Path, device: Device) -> LoadedModel:
             "with load_soma_checkpoint(model, path, strict=False)"
         )
     config, notes = soma_config(mapped, ckpt["meta"], repr(where))
-    return _build_and_load("soma", path, ckpt, mapped, config, notes, load_soma_file, device)
+    loaded = _build_and_load("soma", path, ckpt, mapped, config, notes, load_soma_file, device)
+    loaded.ema = soma_ema_entry(ckpt, where)
+    return loaded
 
 
 def _describe_soma(raw: RawCheckpoint, path: Path) -> str:

@@ -79,6 +79,23 @@ def _state(ckpt: MmsegFile, weights: Weights, path: str) -> dict[str, Any]:
     return strip_module_prefix(section)[0]
 
 
+def _steps(section: Mapping[str, Any]) -> int | None:
+    """The ``steps`` count of an EMA section, when it holds one."""
+    steps = section.get("steps")
+    return int(steps) if isinstance(steps, Tensor) and steps.numel() == 1 else None
+
+
+def soma_ema_entry(ckpt: MmsegFile, path: str) -> dict[str, Any] | None:
+    """The file's EMA section in the form of a training checkpoint's ``ema`` entry
+    (``source``: the raw training weights in our names; ``steps``), so that writing the model
+    out again (:func:`export_soma_checkpoint`) keeps it. None when the file has none."""
+    section = ckpt["sections"].get(EMA_SECTION)
+    if not isinstance(section, Mapping):
+        return None
+    source = soma_to_ours(_state(ckpt, "training", path), repr(path)).state
+    return {"source": source, "steps": _steps(section) or 0}
+
+
 def _check_model(model: nn.Module, file_config: SoMAConfig, path: str) -> SoMAConfig:
     """The model has SoMA adapters of the file's rank and alpha, on the file's layers."""
     hint = _build_hint(file_config)
@@ -385,8 +402,8 @@ def describe_soma(ckpt: MmsegFile) -> str:
     ]
     ema = ckpt["sections"].get(EMA_SECTION)
     if isinstance(ema, Mapping):
-        steps = ema.get("steps")
-        n = int(steps) if isinstance(steps, Tensor) and steps.numel() == 1 else "?"
+        n = _steps(ema)
+        n = "?" if n is None else n
         lines.append(f"EMA section: raw training weights, {n} steps (state_dict: the EMA)")
     if "backbone.pos_embed" not in keymap.state:
         lines.append("partial: no frozen backbone weights (load with strict=False)")
