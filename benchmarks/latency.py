@@ -671,7 +671,7 @@ def reanalyse(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         for cases in (c for backends in report["results"].values() for c in backends.values()):
             for rec in cases.values():
                 rec.update(ratios(rec["times_s"], args))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a latency report this script can read ({e})") from e
     report["meta"]["ratio"] = RATIO
     return report
