@@ -533,10 +533,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         backends = [b for b, cases in report["results"][preset].items() if case in cases]
         for i, backend in enumerate(backends):
             r = report["results"][preset][backend][case]
-            for j, v in enumerate(VARIANTS):
-                if v not in r["median_s"]:
-                    continue
-                x = i + (j - 1) * width
+            shown = [v for v in VARIANTS if v in r["median_s"]]
+            for j, v in enumerate(shown):
+                x = i + (j - (len(shown) - 1) / 2) * width  # centred on the backend's tick
                 med, p10, p90 = (1e3 * r[k][v] for k in ("median_s", "p10_s", "p90_s"))
                 ax.bar(x, med, width, color=colours[v], label=v if i == 0 else None)
                 ax.errorbar(x, med, yerr=[[med - p10], [p90 - med]], color="black", capsize=3)
