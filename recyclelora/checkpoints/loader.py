@@ -267,9 +267,11 @@ def _build_and_load(
     notes: list[str],
     load: Callable[[nn.Module, MmsegFile, str], MmsegLoadReport],
     device: Device,
+    ema: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """The preset an mmseg-format file's tensors (in our names) fit, built with ``config``'s
-    adapters and loaded by ``load``; the iteration is the one its meta says."""
+    adapters and loaded by ``load``; the iteration is the one its meta says, ``ema`` the file's
+    EMA section (SoMA files) in a training checkpoint's form."""
     from ..models import build_model
 
     where = str(path)
@@ -286,7 +288,7 @@ def _build_and_load(
     iteration = (
         iteration if isinstance(iteration, int) and not isinstance(iteration, bool) else None
     )
-    return LoadedModel(model.to(device).eval(), kind, path, iteration, None, report)
+    return LoadedModel(model.to(device).eval(), kind, path, iteration, None, report, ema)
 
 
 def _describe_mmseg(raw: RawCheckpoint, path: Path) -> str:
@@ -316,9 +318,8 @@ def _load_soma(raw: RawCheckpoint, path: Path, device: Device) -> LoadedModel:
             "with load_soma_checkpoint(model, path, strict=False)"
         )
     config, notes = soma_config(mapped, ckpt["meta"], repr(where))
-    loaded = _build_and_load("soma", path, ckpt, mapped, config, notes, load_soma_file, device)
-    loaded.ema = soma_ema_entry(ckpt, where)
-    return loaded
+    ema = soma_ema_entry(ckpt, where)
+    return _build_and_load("soma", path, ckpt, mapped, config, notes, load_soma_file, device, ema)
 
 
 def _describe_soma(raw: RawCheckpoint, path: Path) -> str:

@@ -402,9 +402,9 @@ def describe_soma(ckpt: MmsegFile) -> str:
     ]
     ema = ckpt["sections"].get(EMA_SECTION)
     if isinstance(ema, Mapping):
-        n = _steps(ema)
-        n = "?" if n is None else n
-        lines.append(f"EMA section: raw training weights, {n} steps (state_dict: the EMA)")
+        steps = _steps(ema)
+        shown = "?" if steps is None else str(steps)
+        lines.append(f"EMA section: raw training weights, {shown} steps (state_dict: the EMA)")
     if "backbone.pos_embed" not in keymap.state:
         lines.append("partial: no frozen backbone weights (load with strict=False)")
     return "\n".join(lines)
