@@ -39,6 +39,7 @@ import copy
 import gc
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -245,7 +246,8 @@ def repetition(figures: Sequence[Figure], rep: int) -> None:
 
 def ratios(times: dict[str, Sequence[float]], args: argparse.Namespace) -> dict[str, Any]:
     """``merged_over_base`` and ``unmerged_over_base`` with their ``..._ci95`` intervals from the
-    variants' times of one backend and input (:func:`measure.paired_ratio_ci`)."""
+    variants' times of one backend and input (:func:`measure.paired_ratio_ci`); the interval is
+    None from a single repetition, which gives a ratio but no spread."""
     out: dict[str, Any] = {}
     for v in ("merged", "unmerged"):
         if v in times and "base" in times:
@@ -253,7 +255,7 @@ def ratios(times: dict[str, Sequence[float]], args: argparse.Namespace) -> dict[
             r, lo, hi = paired_ratio_ci(
                 times[v][:k], times["base"][:k], resamples=args.resamples, seed=args.seed
             )
-            out[f"{v}_over_base"], out[f"{v}_over_base_ci95"] = r, [lo, hi]
+            out[f"{v}_over_base"], out[f"{v}_over_base_ci95"] = r, [lo, hi] if k > 1 else None
     return out
 
 
@@ -263,6 +265,8 @@ def half_width(figures: Sequence[Figure], args: argparse.Namespace) -> float:
     for group in _groups(figures).values():
         rec = ratios({v: f.times for v, f in group.items()}, args)
         if "merged_over_base" in rec:
+            if rec["merged_over_base_ci95"] is None:  # one repetition: no width yet
+                return math.inf
             lo, hi = rec["merged_over_base_ci95"]
             worst = max(worst, rec["merged_over_base"] - lo, hi - rec["merged_over_base"])
     return worst
@@ -460,8 +464,10 @@ def _ms(s: float) -> str:
 def _ratio_cell(rec: dict[str, Any], variant: str) -> str:
     if f"{variant}_over_base" not in rec:
         return "-"
-    lo, hi = rec[f"{variant}_over_base_ci95"]
-    return f"{rec[f'{variant}_over_base']:.3f} [{lo:.3f}, {hi:.3f}]"
+    ratio, interval = rec[f"{variant}_over_base"], rec[f"{variant}_over_base_ci95"]
+    if interval is None:
+        return f"{ratio:.3f} (1 repetition)"
+    return f"{ratio:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def markdown(report: dict[str, Any]) -> str:

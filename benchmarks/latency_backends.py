@@ -117,7 +117,8 @@ def _onnxruntime(provider: str) -> Callable[[Path, Manifest], Runner]:
     def make(folder: Path, m: Manifest) -> Runner:
         from recyclelora.deploy.runners import OnnxRuntimeRunner
 
-        runner = OnnxRuntimeRunner(folder / ONNX, m, providers=[provider])
+        # one arena for all variants: three large graphs with one each do not fit in 24 GB
+        runner = OnnxRuntimeRunner(folder / ONNX, m, providers=[provider], shared_arena=True)
         if runner.provider != provider:
             raise RuntimeError(f"onnxruntime ran {runner.provider}, not {provider}")
         runner.manifest = m

@@ -16,6 +16,7 @@ measured.
     python benchmarks/run_all.py                 # everything; the latency run takes hours
     python benchmarks/run_all.py --quick --out /tmp/bench --results /tmp/RESULTS.md
     python benchmarks/run_all.py --only latency --latency-args="--adaptive"
+    python benchmarks/run_all.py --only latency_frame,latency_compile   # large preset, ~2 h
 """
 
 from __future__ import annotations
@@ -38,6 +39,23 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS: dict[str, tuple[str, ...]] = {
     "latency": ("latency.py",),
     "latency_primary": ("latency.py", "--primary"),
+    # the large preset's full frame and its torch.compile: each a separate run of its own
+    "latency_frame": (
+        "latency.py",
+        "--name=latency_frame",
+        "--preset=dinov2_large_mask2former",
+        "--backends=eager,ort",
+        "--cases=frame",
+        "--repeats=1",
+    ),
+    "latency_compile": (
+        "latency.py",
+        "--name=latency_compile",
+        "--preset=dinov2_large_mask2former",
+        "--backends=compile",
+        "--cases=crop_b1",
+        "--compile-timeout=3600",
+    ),
     "profile": ("profile_ops.py",),
     "rrqr_init": ("bench_rrqr_init.py",),
     "data": ("bench_data.py",),
@@ -45,6 +63,8 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "serving": ("bench_serving.py",),
     "compare": ("compare.py",),
 }
+#: full-size runs with no smoke version: ``--quick`` skips them
+FULL_SIZE_ONLY = frozenset({"latency_frame", "latency_compile"})
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -132,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         script = HERE / script_name
         if not script.is_file():
             print(f"skipped {name}: {shown(script)} does not exist", flush=True)
+            continue
+        if args.quick and name in FULL_SIZE_ONLY:
+            print(f"skipped {name}: a full-size run only, it has no --quick version", flush=True)
             continue
         extra = [*own, *(["--quick"] if args.quick else []), "--out", str(out)]
         extra += shlex.split(getattr(args, f"{name}_args"))

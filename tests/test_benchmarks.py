@@ -6,6 +6,7 @@ No assertion here is about speed: timings on a shared machine say nothing reliab
 
 from __future__ import annotations
 
+import argparse
 import copy
 import itertools
 import json
@@ -121,6 +122,19 @@ def test_ratio_ci_refuses_unpaired_or_non_positive_samples():
         measure.paired_ratio_ci([1.0, 0.0], [1.0, 2.0])
 
 
+def test_one_repetition_gives_a_ratio_but_no_interval():
+    import latency
+
+    args = argparse.Namespace(resamples=1000, seed=0)
+    one = latency.ratios({"base": [2.0], "merged": [1.8]}, args)
+    assert one["merged_over_base"] == pytest.approx(0.9) and one["merged_over_base_ci95"] is None
+    assert latency._ratio_cell(one, "merged") == "0.900 (1 repetition)"
+    two = latency.ratios({"base": [2.0, 1.0], "merged": [1.8, 1.1]}, args)
+    lo, hi = two["merged_over_base_ci95"]
+    assert lo == pytest.approx(0.9) and hi == pytest.approx(1.1)  # the two ratios bound it
+    assert two["merged_over_base"] == pytest.approx(math.sqrt(0.9 * 1.1))
+
+
 # ---------------------------------------------------------------------------------------------
 # RESULTS.md sections
 
@@ -221,7 +235,11 @@ def quick_run(tmp_path_factory):
 def test_run_all_quick_rewrites_only_the_sections(quick_run):
     root, before, after, stdout, names = quick_run
     assert outside(after) == outside(before)
-    for name in names:
+    for name in run_all.FULL_SIZE_ONLY:  # asked for, but they have no smoke run
+        start, end = run_all.markers(name)
+        assert after.split(start)[1].split(end)[0].strip() == f"old {name}"
+        assert f"skipped {name}: a full-size run only" in stdout
+    for name in set(names) - run_all.FULL_SIZE_ONLY:
         start, end = run_all.markers(name)
         body = after.split(start)[1].split(end)[0]
         assert f"old {name}" not in body

@@ -262,6 +262,23 @@ def test_batches_beyond_max_batch_are_split(runners, backend):
     np.testing.assert_allclose(together, one_by_one, rtol=0, atol=1e-5)
 
 
+def test_sessions_sharing_one_arena_compute_what_a_session_of_its_own_does(run):
+    """Two sessions on the process's shared CPU arena, the second registration a no-op, give
+    the scores of a session with an arena of its own."""
+    manifest, graph = Manifest.read(run[1]), run[1] / ONNX
+    alone = OnnxRuntimeRunner(graph, manifest, providers=["CPUExecutionProvider"])
+    shared = [
+        OnnxRuntimeRunner(graph, manifest, providers=["CPUExecutionProvider"], shared_arena=True)
+        for _ in range(2)
+    ]
+    crops = np.random.default_rng(7).uniform(0, 255, (3, 3, CROP, CROP)).astype(np.float32)
+    want = alone.predict_crops(crops)
+    for runner in shared:
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
+        np.testing.assert_allclose(runner.predict_crops(crops), want, rtol=0, atol=1e-5)
+
+
 def test_the_torch_runner_is_the_merged_base_architecture(runners):
     runner = runners["torch"]
     assert isinstance(runner, TorchRunner)

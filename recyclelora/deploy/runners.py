@@ -8,6 +8,7 @@ constructors, so a serving image needs only the backend it runs. TensorRT lives 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,12 +66,43 @@ def available_providers() -> list[str]:
     return [p for p in PROVIDER_ORDER if p in offered]
 
 
+_ARENA_LOCK = threading.Lock()
+_arena_registered = False
+
+
+def share_cpu_arena() -> None:
+    """Register one CPU memory arena with this process's ONNX Runtime environment (once).
+
+    Sessions created with ``shared_arena=True`` then draw their working memory from it instead
+    of each growing an arena of its own and keeping it: several large graphs in one process
+    (models served side by side, a benchmark's variants) hold one working set, not one each.
+    The arena grows by what is requested, not to the next power of two.
+    """
+    import onnxruntime
+
+    global _arena_registered
+    with _ARENA_LOCK:
+        if not _arena_registered:
+            cpu = onnxruntime.OrtMemoryInfo(
+                "Cpu",
+                onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR,
+                0,
+                onnxruntime.OrtMemType.DEFAULT,
+            )
+            onnxruntime.create_and_register_allocator(
+                cpu,
+                onnxruntime.OrtArenaCfg({"arena_extend_strategy": 1}),  # kSameAsRequested
+            )
+            _arena_registered = True
+
+
 class OnnxRuntimeRunner(Runner):
     """``onnxruntime.InferenceSession`` on ``model.onnx`` (input ``images``, output ``logits``).
 
     providers: default every provider of :data:`PROVIDER_ORDER` this build offers (the session
     uses the first that accepts the graph). threads: intra-op threads; None leaves ORT's default
-    (one per physical core).
+    (one per physical core). shared_arena: take CPU working memory from the process's one
+    shared arena (:func:`share_cpu_arena`) rather than from an arena of the session's own.
     """
 
     name = "onnxruntime"
@@ -81,12 +113,16 @@ class OnnxRuntimeRunner(Runner):
         manifest: Manifest,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        shared_arena: bool = False,
     ) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = int(threads)
+        if shared_arena:
+            share_cpu_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
         self.session = onnxruntime.InferenceSession(
             str(graph), options, providers=list(providers or available_providers())
         )
