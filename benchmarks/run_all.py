@@ -16,7 +16,7 @@ measured.
     python benchmarks/run_all.py                 # everything; the latency run takes hours
     python benchmarks/run_all.py --quick --out /tmp/bench --results /tmp/RESULTS.md
     python benchmarks/run_all.py --only latency --latency-args="--adaptive"
-    python benchmarks/run_all.py --only latency_frame,latency_compile   # large preset, ~2 h
+    python benchmarks/run_all.py --only latency_frame,latency_compile   # large preset, ~1 h
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
         "--preset=dinov2_large_mask2former",
         "--backends=compile",
         "--cases=crop_b1",
+        "--repeats=20",
         "--compile-timeout=3600",
     ),
     "profile": ("profile_ops.py",),
