@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency_backends import BACKENDS, CPU_BACKENDS, GPU_BACKENDS, Backend  # noqa: E402
+from latency_backends import BACKENDS, CPU_BACKENDS, DTYPES, GPU_BACKENDS, Backend  # noqa: E402
 from measure import (  # noqa: E402
     environment,
     forward_flops,
@@ -373,11 +373,13 @@ class Preset:
                 )
         return out
 
-    def measure(self) -> list[Figure]:
+    def measure(self, rates: MatmulRates) -> list[Figure]:
+        """Warm-ups, then the interleaved repetitions, each followed by a matmul rate sample."""
         args = self.args
         figures = self.figures()
         for rep in range(args.repeats):
             seconds, _ = timed(lambda rep=rep: repetition(figures, rep))
+            rates.sample()
             print(f"  {self.name}: repetition {rep + 1}/{args.repeats} in {seconds:.1f} s")
         primary = [
             f for f in figures if f.case == PRIMARY_CASE and f.backend.name in PRIMARY_BACKENDS
@@ -391,6 +393,7 @@ class Preset:
                 and time.perf_counter() - start < args.time_budget
             ):
                 repetition(primary, rep)
+                rates.sample()
                 rep, width = rep + 1, half_width(primary, args)
                 print(f"  {self.name}: repetition {rep}, merged/base within ±{width:.3f}")
             print(
@@ -433,14 +436,27 @@ def rate_key(backend: Backend) -> str:
     return f"{backend.device}-{backend.precision}"
 
 
-def measure_rates(backends: Sequence[Backend], n: int) -> dict[str, float]:
-    rates = {}
-    for key in sorted({rate_key(b) for b in backends}):
-        device, precision = key.split("-")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        rates[key] = matmul_rate(device, dtype, n)
-        print(f"matmul rate {key} ({n}x{n}): {rates[key] / 1e9:.1f} GFLOP/s")
-    return rates
+class MatmulRates:
+    """The matmul rate of every device and precision the backends run on, sampled once before
+    the run and again after every repetition. The floor takes the best sample: the rate this
+    hardware showed it reaches during the run. One sample, taken while the machine was busy or
+    not yet at speed, would understate the rate and flatter every fraction of the floor."""
+
+    def __init__(self, backends: Sequence[Backend], n: int) -> None:
+        self.n = n
+        self.samples: dict[str, list[float]] = {k: [] for k in sorted(map(rate_key, backends))}
+        self.sample()
+        for key, (rate,) in self.samples.items():
+            print(f"matmul rate {key} ({n}x{n}): {rate / 1e9:.1f} GFLOP/s (first sample)")
+
+    def sample(self) -> None:
+        for key, samples in self.samples.items():
+            device, precision = key.split("-")
+            samples.append(matmul_rate(device, DTYPES[precision], self.n))
+
+    @property
+    def best(self) -> dict[str, float]:
+        return {key: max(samples) for key, samples in self.samples.items()}
 
 
 def select_backends(names: Sequence[str] | None) -> tuple[list[Backend], list[dict[str, str]]]:
@@ -467,7 +483,8 @@ def _ratio_cell(rec: dict[str, Any], variant: str) -> str:
     ratio, interval = rec[f"{variant}_over_base"], rec[f"{variant}_over_base_ci95"]
     if interval is None:
         return f"{ratio:.3f} (1 repetition)"
-    return f"{ratio:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    n = min(rec["repeats"][variant], rec["repeats"]["base"])  # a few give a loose interval
+    return f"{ratio:.3f} [{interval[0]:.3f}, {interval[1]:.3f}] n={n}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -481,7 +498,7 @@ def markdown(report: dict[str, Any]) -> str:
         "merged / base (95% CI)",
         "un-merged / base (95% CI)",
         "floor ms (base, un-merged)",
-        "merged: fraction of floor",
+        "fraction of floor (base, merged, un-merged)",
     ]
     rows = []
     for preset, backends in report["results"].items():
@@ -499,7 +516,8 @@ def markdown(report: dict[str, Any]) -> str:
                 ratio, unmerged = (_ratio_cell(r, v) for v in ("merged", "unmerged"))
                 floor = r["floor_s"]
                 floors = ", ".join(_ms(floor[v]) for v in ("base", "unmerged") if v in floor)
-                frac = r["fraction_of_floor"].get("merged")
+                fractions = r["fraction_of_floor"]
+                frac = ", ".join(f"{fractions[v]:.0%}" for v in VARIANTS if v in fractions)
                 rows.append(
                     [
                         preset,
@@ -511,7 +529,7 @@ def markdown(report: dict[str, Any]) -> str:
                         ratio,
                         unmerged,
                         floors,
-                        "-" if frac is None else f"{frac:.1%}",
+                        frac or "-",
                     ]
                 )
     return markdown_table(headers, rows, "lll" + "r" * 7)
@@ -706,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backends, skipped = select_backends(args.backends)
     if "compile" in {b.name for b in backends}:
         print(f"torch.compile: bounded to {args.compile_timeout:.0f} s of compiling per preset")
-    rates = measure_rates(backends, args.matmul_size)
+    rates = MatmulRates(backends, args.matmul_size)
     report: dict[str, Any] = {
         "meta": {
             **environment(),
@@ -719,7 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratio": RATIO,
             "seed": args.seed,
         },
-        "matmul_rate_flops": rates,
+        "matmul_rate_flops": rates.best,
+        "matmul_rate_samples_flops": rates.samples,
         "flops_per_crop": {},
         "results": {},
         "skipped": skipped,
@@ -735,8 +754,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"  {name}: GFLOP per crop " + ", ".join(f"{v} {n / 1e9:.3f}" for v, n in flops.items())
         )
-        figures = preset.measure()
-        report["results"][name] = preset.results(figures, rates)
+        figures = preset.measure(rates)
+        report["matmul_rate_flops"] = rates.best
+        report["results"][name] = preset.results(figures, rates.best)
         report["skipped"] += preset.skipped
         write_json(out, report)  # after each preset: a long run keeps what it measured
         del preset, figures

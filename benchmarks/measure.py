@@ -109,20 +109,24 @@ def forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
 
 
 def matmul_rate(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int = 3
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    n: int = 4096,
+    repeats: int = 3,
+    warmup: int = 2,
 ) -> float:
     """FLOP/s of an ``n x n`` matmul on ``device`` in ``dtype``: the best of ``repeats`` after
-    one warm-up, i.e. what the device's matmul kernel reaches here and now (the floor's rate)."""
+    ``warmup`` untimed ones, i.e. what the device's matmul kernel reaches here and now."""
     g = torch.Generator().manual_seed(0)
     a, b = (torch.rand(n, n, generator=g).to(device, dtype) for _ in range(2))
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     best = float("inf")
-    for i in range(repeats + 1):
+    for i in range(warmup + repeats):
         sync()
         start = time.perf_counter()
         torch.mm(a, b)
         sync()
-        if i:
+        if i >= warmup:
             best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 

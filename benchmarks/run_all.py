@@ -10,6 +10,8 @@ root; the markdown tables it prints replace the text between its markers in RESU
 Everything outside the markers (the prose that explains the figures) is kept byte for byte. A
 section without markers is reported and left alone; a benchmark that fails keeps its old
 section and makes the exit status 1; a script that does not exist is skipped with a message.
+The JSON and chart a run writes under its section's name are copied to ``results/`` beside
+RESULTS.md, so that the figures of every section can be checked and re-plotted.
 RESULTS.md is rewritten atomically after each benchmark, so an interrupted run keeps what it
 measured.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +60,15 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
         "--repeats=20",
         "--compile-timeout=3600",
     ),
+    # the floor of the large preset's crop with the matmul rate sampled after every repetition
+    "latency_floor": (
+        "latency.py",
+        "--name=latency_floor",
+        "--preset=dinov2_large_mask2former",
+        "--backends=eager,ort",
+        "--cases=crop_b1",
+        "--repeats=10",
+    ),
     "profile": ("profile_ops.py",),
     "rrqr_init": ("bench_rrqr_init.py",),
     "data": ("bench_data.py",),
@@ -65,7 +77,9 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "compare": ("compare.py",),
 }
 #: full-size runs with no smoke version: ``--quick`` skips them
-FULL_SIZE_ONLY = frozenset({"latency_frame", "latency_compile"})
+FULL_SIZE_ONLY = frozenset({"latency_frame", "latency_compile", "latency_floor"})
+#: what a run leaves in --out under its section's name, kept beside RESULTS.md (in results/)
+KEPT = (".json", ".png")
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -132,6 +146,19 @@ def run(script: Path, extra: Sequence[str]) -> tuple[int, str, float]:
     return proc.wait(), "".join(lines), time.perf_counter() - start
 
 
+def keep(out: Path, name: str, folder: Path) -> list[Path]:
+    """Copy the run's ``NAME.json`` and chart from ``out`` into ``folder``: the figures behind
+    a section stay in the repository beside it (``--out`` is scratch)."""
+    kept = []
+    for ext in KEPT:
+        src = out / f"{name}{ext}"
+        if src.is_file():
+            folder.mkdir(exist_ok=True)
+            kept.append(Path(shutil.copyfile(src, folder / src.name)))
+            print(f"== {name}: kept {shown(kept[-1])}", flush=True)
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every benchmark's smoke run")
@@ -176,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         write_text(args.results, text)
         print(f"== {name}: {seconds:.0f} s, section written to {shown(args.results)}", flush=True)
+        keep(out, name, args.results.parent / "results")
     if failed:
         print(f"failed: {', '.join(failed)}")
     return 1 if failed else 0

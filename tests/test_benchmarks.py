@@ -130,6 +130,8 @@ def test_one_repetition_gives_a_ratio_but_no_interval():
     assert one["merged_over_base"] == pytest.approx(0.9) and one["merged_over_base_ci95"] is None
     assert latency._ratio_cell(one, "merged") == "0.900 (1 repetition)"
     two = latency.ratios({"base": [2.0, 1.0], "merged": [1.8, 1.1]}, args)
+    two["repeats"] = {"base": 2, "merged": 2}
+    assert latency._ratio_cell(two, "merged").endswith("] n=2")  # the interval's sample size
     lo, hi = two["merged_over_base_ci95"]
     assert lo == pytest.approx(0.9) and hi == pytest.approx(1.1)  # the two ratios bound it
     assert two["merged_over_base"] == pytest.approx(math.sqrt(0.9 * 1.1))
@@ -203,6 +205,10 @@ def check_latency_report(path: Path, backends: set[str]) -> dict:
                 assert floor == pytest.approx(r["flops"][v] / rate)
                 assert r["fraction_of_floor"][v] == pytest.approx(floor / med[v])
                 assert med[v] <= r["p90_s"][v]
+    # the floor's rate: the best of a sample before the run and one after every repetition
+    samples = report["matmul_rate_samples_flops"]
+    assert report["matmul_rate_flops"] == {k: max(v) for k, v in samples.items()}
+    assert {len(v) for v in samples.values()} == {1 + report["meta"]["repeats"]}
     per_crop = report["flops_per_crop"]["tiny"]
     frame = results["eager"]["frame"]["flops"]["base"]
     assert frame == 18 * per_crop["base"]  # the frame's 18 windows, one crop's FLOPs each
@@ -249,6 +255,11 @@ def test_run_all_quick_rewrites_only_the_sections(quick_run):
         assert command.startswith(f"python benchmarks/{script} --quick --out ")
         assert re.search(r"^\| .* \|$", body, flags=re.M), f"no table in the {name} section"
     assert "no GPU: GPU backends skipped" in stdout
+    # the figures behind the latency sections are kept beside RESULTS.md, as written
+    for name in ("latency", "latency_primary"):
+        for ext in (".json", ".png"):
+            kept, written = root / "results" / f"{name}{ext}", root / "out" / f"{name}{ext}"
+            assert kept.read_bytes() == written.read_bytes()
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ argmax), the model itself on hand-padded crops, and the checkpoint's own evaluat
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -21,12 +20,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recyclelora import load_model, merge_recyclelora
+from recyclelora import load_model
 from recyclelora.checkpoints import save_checkpoint
 from recyclelora.cli import evaluate as cli_evaluate
-from recyclelora.data import CLASS_NAMES, EvalTransform, palette
+from recyclelora.data import CLASS_NAMES, EvalTransform
 from recyclelora.data.transforms import EVAL_SCALES
-from recyclelora.deploy import ExportError, Manifest, load_export, predict_scores, segment
+from recyclelora.deploy import (
+    BackendUnavailable,
+    ExportError,
+    Manifest,
+    load_export,
+    predict_scores,
+    segment,
+)
+from recyclelora.deploy import load as deploy_load
 from recyclelora.deploy.manifest import ONNX, WEIGHTS
 from recyclelora.deploy.runners import OnnxRuntimeRunner, TorchRunner
 from recyclelora.engine.evaluator import predict_labels
@@ -83,43 +90,15 @@ def write_checkpoint(work: Path, data_root: Path) -> Path:
 
 
 def write_export(checkpoint: Path, out: Path) -> Path:
-    """What the exporter writes (merged weights, the fp32 graph at the crop size with a dynamic
-    batch, model.json), made directly: one graph export, without the exporter's checks."""
-    from safetensors.torch import save_file
+    """The exporter's directory for ``checkpoint`` (its checks passed), the graph at the
+    evaluation crop; only the evaluation scale in model.json is made small, so that frames
+    here stay small."""
+    from recyclelora.cli.export import export_checkpoint
 
-    out.mkdir(parents=True)
-    model = merge_recyclelora(copy.deepcopy(load_model(checkpoint).model)).eval()
-    model.deform_attn_impl = "gather"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
-    torch.onnx.export(
-        model,
-        (torch.rand(2, 3, CROP, CROP) * 255,),
-        str(out / ONNX),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=8)}},
-        opset_version=18,
-        dynamo=True,
-        verbose=False,
-    )
-    manifest = Manifest(
-        preset="tiny",
-        classes=list(CLASS_NAMES),
-        palette=palette().tolist(),
-        mean=model.mean.flatten().tolist(),
-        std=model.std.flatten().tolist(),
-        input_size=[CROP, CROP],
-        max_batch=MAX_BATCH,
-        train_size=[TRAIN, TRAIN],
-        patch_size=model.size_divisor,
-        crop=[CROP, CROP],
-        stride=[STRIDE, STRIDE],
-        eval_scale=list(EVAL_SCALE),
-        source={"path": str(checkpoint), "kind": "training", "iteration": 3},
-        versions={"torch": torch.__version__},
-    )
-    for name in (WEIGHTS, ONNX):
-        manifest.add_artefact(out, name)
+    export_checkpoint(checkpoint, out, input_size=[CROP, CROP], max_batch=MAX_BATCH)
+    manifest = Manifest.read(out)
+    assert (manifest.crop, manifest.stride) == ([CROP, CROP], [STRIDE, STRIDE])
+    manifest.eval_scale = list(EVAL_SCALE)
     manifest.write(out)
     return out
 
@@ -306,6 +285,25 @@ def test_auto_falls_back_to_torch_for_an_export_without_a_graph(copied):
     assert f"has no {ONNX}" in runner.reason
 
 
+def test_auto_passes_over_a_backend_whose_package_is_missing(run, monkeypatch):
+    monkeypatch.setattr(deploy_load, "_installed", lambda module: module != "onnxruntime")
+    runner = load_export(run[1])
+    assert isinstance(runner, TorchRunner)
+    assert "onnxruntime: backend 'onnxruntime' needs the onnxruntime package" in runner.reason
+
+
+def test_auto_names_every_backend_it_passed_over_when_none_can_run(run):
+    """A CUDA device asked for on a machine without one: no backend runs, and the error gives
+    each one's reason."""
+    with pytest.raises(BackendUnavailable) as e:
+        load_export(run[1], device="cuda")
+    text = str(e.value)
+    assert f"no backend can run {run[1]} here" in text
+    assert "tensorrt: " in text
+    assert "onnxruntime: onnxruntime on cuda needs" in text and "onnxruntime-gpu" in text
+    assert "torch: backend 'torch' has no CUDA device here" in text
+
+
 def test_an_explicit_backend_that_cannot_run_says_what_to_install(run):
     with pytest.raises(ExportError, match="tensorrt"):
         load_export(run[1], backend="tensorrt")
@@ -345,8 +343,9 @@ def test_a_tampered_artefact_is_refused(copied, backend, name):
 def test_auto_never_falls_back_past_a_tampered_graph(copied):
     with open(copied / ONNX, "ab") as f:
         f.write(b"\0")
-    with pytest.raises(ExportError, match="SHA-256"):
+    with pytest.raises(ExportError, match="SHA-256") as e:
         load_export(copied)
+    assert not isinstance(e.value, BackendUnavailable)
 
 
 def test_a_directory_without_manifest_is_refused(tmp_path):

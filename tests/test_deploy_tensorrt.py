@@ -142,10 +142,11 @@ def export(tmp_path) -> Path:
     return tmp_path
 
 
-def fake_build(onnx_path, out_dir, *, precision, input_size, max_batch, pause=0.0):
+def fake_build(onnx_path, out_dir, *, precision, input_size, max_batch, opt_batch, pause=0.0):
     """Stands in for build_engine: logs the call (one line per build), writes an engine."""
     with open(Path(out_dir) / "builds.log", "a") as log:
-        log.write(f"{os.getpid()} {Path(onnx_path).name} {precision} {input_size} {max_batch}\n")
+        shape = f"{input_size} {opt_batch}/{max_batch}"
+        log.write(f"{os.getpid()} {Path(onnx_path).name} {precision} {shape}\n")
     time.sleep(pause)  # a build takes minutes: long enough for the other process to arrive
     engine = Path(out_dir) / rt.engine_name(ENV["gpu"], ENV["tensorrt"], precision)
     engine.write_bytes(f"engine built by {os.getpid()}".encode())
@@ -167,7 +168,7 @@ def test_engine_for_builds_once_and_lists_the_engine(export):
 
     path = rt.engine_for(export, stale, "fp16", environment=ENV, build=fake_build)
     assert path == export / ENGINE
-    assert builds(export) == [f"{os.getpid()} model.fp16.onnx fp16 [64, 96] 18"]
+    assert builds(export) == [f"{os.getpid()} model.fp16.onnx fp16 [64, 96] 18/18"]
     on_disk = Manifest.read(export)
     assert set(on_disk.artefacts) == {"model.fp16.onnx", "extra.txt", ENGINE}
     art = on_disk.artefacts[ENGINE]
@@ -177,6 +178,15 @@ def test_engine_for_builds_once_and_lists_the_engine(export):
 
     again = rt.engine_for(export, Manifest.read(export), "fp16", environment=ENV, build=fake_build)
     assert again == path and len(builds(export)) == 1  # cached: no second build
+
+
+def test_the_engine_profile_takes_a_whole_frame_and_is_tuned_for_the_exports_batch(export):
+    manifest = Manifest.read(export)
+    manifest.max_batch = 4  # segment sends batches of 4; a 1024 x 2048 frame has 18 windows
+    manifest.write(export)
+    rt.engine_for(export, manifest, "fp16", environment=ENV, build=fake_build)
+    assert builds(export) == [f"{os.getpid()} model.fp16.onnx fp16 [64, 96] 4/18"]
+    assert rt.profile_batches(32) == (32, 32)
 
 
 def test_engine_for_refuses_a_modified_engine_and_a_missing_graph(export):

@@ -28,6 +28,7 @@ from .mmseg_keys import (
     find_alpha,
     map_key,
     ordered_targets,
+    sample,
     strip_module_prefix,
 )
 from .mmseg_load import MmsegLoadReport, load_mmseg_file
@@ -127,12 +128,34 @@ def _load_training(raw: RawCheckpoint, path: Path, device: Device) -> LoadedMode
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise TrainingCheckpointError(
-            f"{str(path)!r}: its weights do not fit the model its recipe describes ({e})"
+            f"{str(path)!r}: its weights do not fit the {recipe.model} model its recipe "
+            f"describes ({_mismatch(model.state_dict(), state['model'])}): the file was changed "
+            "or written by another program; export the checkpoint training/train.py wrote"
         ) from e
     ema = state.get("ema") if isinstance(state.get("ema"), Mapping) else None
     return LoadedModel(
         model.to(device).eval(), "training", path, int(state["iteration"]), recipe, None, ema
     )
+
+
+def _mismatch(want: Mapping[str, Tensor], got: Mapping[str, Any]) -> str:
+    """Which keys are missing, unexpected or of another shape: a line, not load_state_dict's
+    page of every key."""
+    shape = [
+        f"{k} {tuple(v.shape)} for {tuple(want[k].shape)}"
+        for k, v in got.items()
+        if k in want and isinstance(v, Tensor) and v.shape != want[k].shape
+    ]
+    parts = [
+        f"{len(keys)} {what} ({sample(keys, 3)})"
+        for what, keys in (
+            ("missing", [k for k in want if k not in got]),
+            ("unexpected", [k for k in got if k not in want]),
+            ("of another shape", shape),
+        )
+        if keys
+    ]
+    return "; ".join(parts) or "the tensors do not load"
 
 
 def _describe_training(raw: RawCheckpoint, path: Path) -> str:

@@ -288,7 +288,8 @@ def check_keys(
         raise MmsegCheckpointError(
             f"{path!r} does not match the model{hint}: missing {len(report.missing)} keys "
             f"({sample(report.missing) or '-'}); unexpected {len(report.unexpected)} keys "
-            f"({sample(report.unexpected) or '-'}); pass strict=False to load the rest"
+            f"({sample(report.unexpected) or '-'}): use a checkpoint of this preset and class "
+            "count (in Python, load_mmseg_checkpoint(..., strict=False) loads what matches)"
         )
 
 

@@ -11,7 +11,8 @@ By default it writes an export directory (``exports/<run>-iter<N>/``): the merge
 check's figures. ``--checkpoint`` is anything :func:`recyclelora.load_model` opens: a training
 checkpoint, or an mmseg-format file (the authors' release, or ours). ``--mmseg`` writes the model
 in the authors' mmseg 1.x layout instead (``--merged``: adapters folded in, plain DINOv2 keys).
-Exit codes: 0 done, 2 bad input (nothing written), 3 written but no TensorRT engine here.
+Exit codes: 0 done, 2 bad input (nothing written), 3 written but no TensorRT engine here,
+4 TensorRT could not build or load the engine (its messages printed; nothing written).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from . import fail
 RUNS = Path("runs")
 EXPORTS = Path("exports")
 NO_ENGINE = 3  # exit code: the export is written, the engine must be built on a GPU machine
+ENGINE_FAILED = 4  # exit code: TensorRT could not build or load the engine
 DEFAULT_EVAL_SCALE = (2048, 1024)
 CHECK_IMAGES = 4
 
@@ -179,7 +181,8 @@ def _tensorrt_missing() -> str | None:
 
 
 def _no_engine_message(out: Path, precision: str, why: str, max_batch: int, size) -> str:
-    from ..deploy.tensorrt import trtexec_command
+    from ..deploy.manifest import Manifest
+    from ..deploy.tensorrt import onnx_for, profile_batches, trtexec_command
 
     again = shlex.join(
         [
@@ -192,21 +195,22 @@ def _no_engine_message(out: Path, precision: str, why: str, max_batch: int, size
             precision,
         ]
     )
+    opt, top = profile_batches(max_batch)
     trtexec = trtexec_command(
         out,
         precision,
-        gpu_name="GPU",
-        trt_version="VERSION",
+        save_as=f"model.trtexec.{precision}.plan",
         input_size=size,
-        max_batch=max_batch,
+        max_batch=top,
+        opt_batch=opt,
     )
-    variant = (
-        "" if precision == "fp32" else f" (after the line above writes model.{precision}.onnx)"
-    )
+    graph = onnx_for(precision)
+    held = graph in Manifest.read(out).artefacts
+    variant = "" if held else f", after the line above has written {graph}"
     return (
         f"no TensorRT engine was built: {why}. Everything else is in {out}. On the GPU machine, "
-        f"with the directory copied there, run:\n  {again}\nor, with trtexec{variant}:\n"
-        f"  {trtexec}"
+        f"with the directory copied there, run:\n  {again}\nor, for an engine to use outside "
+        f"this package (load_export builds and lists its own){variant}:\n  {trtexec}"
     )
 
 
@@ -219,20 +223,29 @@ def export_checkpoint(
     onnx: bool = True,
     force: bool = False,
     engine_precision: str | None = None,
+    graph_precision: str | None = None,
 ) -> Path:
     """Write the export directory of ``checkpoint`` (default :func:`default_out`) and return it:
     the one path from a checkpoint to an export, for this command and the training demo.
 
     ``engine_precision``: also build a TensorRT engine of that precision (needs a CUDA GPU and
-    the tensorrt package here).
+    the tensorrt package here); ``graph_precision``: only write (and check) the fp16 / bf16
+    graph such an engine is built from, where no engine can be built.
     """
     from ..data.labels import CLASS_NAMES, palette
-    from ..deploy.export import ExportRequest, add_engine, export_directory
+    from ..deploy.export import (
+        ExportRequest,
+        add_engine,
+        add_precision_graph,
+        check_input_size,
+        export_directory,
+    )
 
     start = time.perf_counter()
     loaded = load_model(checkpoint)
     print(f"load: {time.perf_counter() - start:.1f} s, {str(loaded).splitlines()[0]}")
     size, crop, stride = _geometry(loaded, input_size)
+    check_input_size(size, int(loaded.model.size_divisor), Path(loaded.source))
     request = ExportRequest(
         out=out if out is not None else default_out(loaded),
         classes=list(CLASS_NAMES),
@@ -252,7 +265,13 @@ def export_checkpoint(
         def engine(directory, manifest, report):
             add_engine(directory, manifest, report, engine_precision, request.images)
 
-    export_directory(loaded, request, engine=engine)
+    elif graph_precision not in (None, "fp32"):
+
+        def engine(directory, manifest, report):
+            add_precision_graph(directory, manifest, report, graph_precision, request.images)
+
+    stage = "engine" if engine_precision is not None else f"ONNX {graph_precision}"
+    export_directory(loaded, request, engine=engine, engine_stage=stage)
     return request.out
 
 
@@ -268,6 +287,7 @@ def _export(args: argparse.Namespace) -> int:
         onnx=args.onnx,
         force=args.force,
         engine_precision=args.precision if args.trt and missing is None else None,
+        graph_precision=args.precision if args.trt and missing is not None else None,
     )
     if missing is not None:
         size = Manifest.read(out).input_size
@@ -310,6 +330,8 @@ def _usage_error(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..deploy.tensorrt import EngineBuildError, TensorRTUnavailable
+
     args = build_parser().parse_args(argv)
     usage = _usage_error(args)
     if usage is not None:
@@ -331,5 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             out = export_mmseg_checkpoint(loaded.model, args.mmseg, adapter_keys=keys)
     except (OSError, ValueError) as e:
         return fail(" ".join(str(e).split()))
+    except (EngineBuildError, TensorRTUnavailable) as e:
+        where = "" if args.from_export else "; nothing was written"
+        return fail(f"{e}{where}", ENGINE_FAILED)  # TensorRT's own lines kept as it wrote them
     print(f"wrote {out}")
     return 0

@@ -9,12 +9,13 @@ only its backend.
 """
 
 from .load import BACKENDS, load_export
-from .manifest import ExportError, Manifest
+from .manifest import BackendUnavailable, ExportError, Manifest
 from .runner import Runner
 from .segment import predict_scores, resize_scores, segment
 
 __all__ = [
     "BACKENDS",
+    "BackendUnavailable",
     "ExportError",
     "Manifest",
     "Runner",

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import temporary_sibling, write_text
-from .manifest import MANIFEST, ONNX, REPORT, WEIGHTS, ExportError, Manifest
+from .manifest import MANIFEST, ONNX, REPORT, WEIGHTS, ExportError, Manifest, is_export_directory
 
 MERGE_LIMIT = 1e-5
 ONNX_LIMIT = 1e-4
@@ -81,6 +81,17 @@ class Stages:
         self.log(f"{name}: {self.seconds[name]:.1f} s")
 
 
+def check_input_size(size: Sequence[int], patch: int, source: Path) -> None:
+    """Refuse a graph size that is not a positive multiple of the patch size."""
+    h, w = (int(s) for s in size)
+    if h <= 0 or w <= 0 or h % patch or w % patch:
+        raise ExportError(
+            f"input size {h}x{w} is not a positive multiple of the patch size {patch} of "
+            f"{source}: pass --input-size H W with multiples of {patch} (e.g. "
+            f"{max(h // patch, 1) * patch} {max(w // patch, 1) * patch})"
+        )
+
+
 def check_request(model: Any, source: Path, request: ExportRequest) -> None:
     """Refuse, before any work, a request that cannot succeed (the message says what to do)."""
     out = request.out
@@ -90,13 +101,13 @@ def check_request(model: Any, source: Path, request: ExportRequest) -> None:
         )
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory: choose another --out")
-    patch = int(model.size_divisor)
-    h, w = request.input_size
-    if h <= 0 or w <= 0 or h % patch or w % patch:
+    if out.exists() and any(out.iterdir()) and not is_export_directory(out):
         raise ExportError(
-            f"input size {h}x{w} is not a multiple of the patch size {patch} of {source}: pass "
-            f"--input-size H W with multiples of {patch} (e.g. {max(h // patch, 1) * patch})"
+            f"{out} is not an export directory (it has no readable {MANIFEST}) and --force "
+            "replaces only an earlier export: choose another --out, or empty it yourself"
         )
+    check_input_size(request.input_size, int(model.size_divisor), source)
+    h, w = request.input_size
     if request.max_batch < 1:
         raise ExportError(f"--max-batch must be at least 1, got {request.max_batch}")
     k = model.num_classes
@@ -256,14 +267,15 @@ def export_directory(
     request: ExportRequest,
     *,
     engine: Callable[[Path, Manifest, dict[str, Any]], None] | None = None,
+    engine_stage: str = "engine",
     log: Log = print,
 ) -> Manifest:
     """Merge ``loaded.model`` (a :class:`~recyclelora.checkpoints.LoadedModel`), run the checks
     and write the export directory ``request.out``; returns its manifest.
 
     ``engine(directory, manifest, report)``: optional, builds more artefacts into the temporary
-    directory before it is published (:func:`add_engine`), listing them in the manifest and
-    their checks in the report.
+    directory before it is published (:func:`add_engine`, :func:`add_precision_graph`), listing
+    them in the manifest and their checks in the report, as the progress stage ``engine_stage``.
     """
     from safetensors.torch import save_file
 
@@ -343,7 +355,7 @@ def export_directory(
                 manifest.add_artefact(tmp, data.name)
         if engine is not None:
             manifest.write(tmp)  # the engine builder reads the directory's model.json
-            with stages.stage("engine"):
+            with stages.stage(engine_stage):
                 engine(tmp, manifest, report)
         report["timings_s"] = stages.seconds
         write_text(tmp / REPORT, json.dumps(report, indent=2))
@@ -362,15 +374,15 @@ def _source(loaded: Any) -> dict[str, Any]:
 
     path = Path(loaded.source)
     return {
-        "path": str(path),
+        "path": str(path.resolve()),
         "sha256": sha256_file(path),
         "kind": loaded.kind,
         "iteration": loaded.iteration,
     }
 
 
-#: TensorRT vs ONNX Runtime fp32, per engine precision: (max error relative to the logit
-#: range, argmax agreement). fp32 engines may use TF32 tensor cores.
+#: TensorRT engines and fp16 / bf16 graphs vs ONNX Runtime fp32, per precision: (max error
+#: relative to the logit range, argmax agreement). fp32 engines may use TF32 tensor cores.
 ENGINE_LIMITS: dict[str, tuple[float, float]] = {
     "fp32": (1e-3, 0.999),
     "fp16": (1e-2, 0.99),
@@ -378,25 +390,63 @@ ENGINE_LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
+def add_precision_graph(
+    directory: Path, manifest: Manifest, report: dict[str, Any], precision: str, images: np.ndarray
+) -> str:
+    """Write the fp16 / bf16 variant of ``model.onnx`` (``onnx_precision``) into an export
+    directory, checked against the fp32 graph with ONNX Runtime's CPU provider on ``images``,
+    and list it in model.json. Returns its name (``model.onnx`` itself for fp32).
+
+    The CPU provider has no bfloat16 kernels: a bf16 graph is recorded as unchecked there (the
+    engine built from it is checked against fp32 on the GPU). A failed check raises
+    :class:`ExportError` with the figures and leaves the variant out.
+    """
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKernel
+
+    from .onnx_precision import reduced_precision_onnx
+    from .tensorrt import onnx_for
+
+    graph = onnx_for(precision)
+    if graph in manifest.artefacts:
+        return graph
+    path = reduced_precision_onnx(directory / ONNX, directory / graph, precision)
+    data = path.with_name(f"{graph}.data")
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    try:
+        got = onnxruntime_logits(path, images, manifest.max_batch)
+    except NoKernel as e:
+        check = {"checked": False, "why": f"ONNX Runtime CPU cannot run it: {str(e)[:200]}"}
+    else:
+        reference = onnxruntime_logits(directory / ONNX, images, manifest.max_batch)
+        check = runtime_check(reference, got)
+        limit, agreement = ENGINE_LIMITS[precision]
+        check.update(limit=limit, argmax_limit=agreement, checked=True)
+        check["passed"] = check["rel_error"] < limit and check["argmax_agreement"] >= agreement
+        if not check["passed"]:
+            path.unlink(missing_ok=True)
+            data.unlink(missing_ok=True)
+        _require(f"ONNX {precision}", check, path)
+    report["checks"][f"onnx_{precision}"] = check
+    manifest.add_artefact(directory, graph, precision=precision)
+    if data.exists():
+        manifest.add_artefact(directory, data.name)
+    manifest.write(directory)
+    return graph
+
+
 def add_engine(
     directory: Path, manifest: Manifest, report: dict[str, Any], precision: str, images: np.ndarray
 ) -> Path:
     """Build the TensorRT engine of ``precision`` into an export directory (its graph variant
-    first, for fp16 / bf16) and check it against ONNX Runtime on ``images``.
+    first, for fp16 / bf16: :func:`add_precision_graph`) and check it against ONNX Runtime on
+    ``images``.
 
     The directory's model.json is rewritten with the new artefacts; a failed check removes the
     engine again and raises :class:`ExportError` with the figures.
     """
-    from .onnx_precision import reduced_precision_onnx
-    from .tensorrt import TensorRTRunner, engine_for, onnx_for
+    from .tensorrt import TensorRTRunner, engine_for
 
-    graph = onnx_for(precision)
-    if graph not in manifest.artefacts:
-        reduced_precision_onnx(directory / ONNX, directory / graph, precision)
-        manifest.add_artefact(directory, graph, precision=precision)
-        if (directory / f"{graph}.data").exists():
-            manifest.add_artefact(directory, f"{graph}.data")
-        manifest.write(directory)
+    add_precision_graph(directory, manifest, report, precision, images)
     engine = engine_for(directory, manifest, precision)
     runner = TensorRTRunner(engine, manifest.input_size, manifest.max_batch, manifest.num_classes)
     images = np.ascontiguousarray(images, dtype=np.float32)

@@ -13,7 +13,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from .manifest import ONNX, WEIGHTS, ExportError, Manifest, verify_artefact
+from .manifest import ONNX, WEIGHTS, BackendUnavailable, ExportError, Manifest, verify_artefact
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,12 @@ def _tensorrt(directory: Path, manifest: Manifest, device: str | None) -> Runner
     try:
         return TensorRTRunner.from_export(directory, manifest, device=device)
     except TensorRTUnavailable as e:
-        raise ExportError(f"backend 'tensorrt' cannot run here: {e}") from e
+        raise BackendUnavailable(f"backend 'tensorrt' cannot run here: {e}") from e
 
 
 def _onnxruntime(directory: Path, manifest: Manifest, device: str | None) -> Runner:
     if not _installed("onnxruntime"):
-        raise ExportError(
+        raise BackendUnavailable(
             "backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime "
             "(onnxruntime-gpu for CUDA)"
         )
@@ -54,9 +54,10 @@ def _onnxruntime(directory: Path, manifest: Manifest, device: str | None) -> Run
     if device == "cpu":
         providers = ["CPUExecutionProvider"]
     elif device is not None and device.startswith("cuda"):
-        providers = [p for p in providers if p != "CPUExecutionProvider"]
+        gpu = {"device_id": int(device.partition(":")[2] or 0)}  # both GPU providers take it
+        providers = [(p, gpu) for p in providers if p != "CPUExecutionProvider"]
         if not providers:
-            raise ExportError(
+            raise BackendUnavailable(
                 "onnxruntime on cuda needs a build with the CUDA execution provider: "
                 "pip install onnxruntime-gpu"
             )
@@ -65,10 +66,15 @@ def _onnxruntime(directory: Path, manifest: Manifest, device: str | None) -> Run
 
 def _torch(directory: Path, manifest: Manifest, device: str | None) -> Runner:
     if not (_installed("torch") and _installed("safetensors")):
-        raise ExportError(
+        raise BackendUnavailable(
             "backend 'torch' needs torch and safetensors: pip install torch safetensors"
         )
+    import torch
+
     from .runners import TorchRunner
+
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailable(f"backend 'torch' has no CUDA device here for {device!r}")
 
     return TorchRunner(verify_artefact(directory, manifest, WEIGHTS), manifest, device)
 
@@ -108,16 +114,24 @@ def _pick(directory: Path, manifest: Manifest, device: str | None) -> tuple[Runn
     if runs:
         try:
             return _tensorrt(directory, manifest, device), "fastest available"
-        except RuntimeError as e:  # the engine does not build or load on this GPU
+        except (RuntimeError, BackendUnavailable) as e:  # no engine builds or loads here
             why = str(e)
     passed = [f"tensorrt: {why}"]
     if ONNX not in manifest.artefacts:
         passed.append(f"onnxruntime: the export has no {ONNX}")
-    elif not _installed("onnxruntime"):
-        passed.append("onnxruntime: not installed")
     else:
-        runner = _onnxruntime(directory, manifest, device)
-        if device is None and getattr(runner, "provider", "") == "CPUExecutionProvider":
-            passed.append("no CUDA execution provider in this onnxruntime build")
-        return runner, "; ".join(passed)
-    return _torch(directory, manifest, device), "; ".join(passed)
+        try:
+            runner = _onnxruntime(directory, manifest, device)
+        except BackendUnavailable as e:
+            passed.append(f"onnxruntime: {e}")
+        else:
+            if device is None and getattr(runner, "provider", "") == "CPUExecutionProvider":
+                passed.append("no CUDA execution provider in this onnxruntime build")
+            return runner, "; ".join(passed)
+    try:
+        return _torch(directory, manifest, device), "; ".join(passed)
+    except BackendUnavailable as e:
+        passed.append(f"torch: {e}")
+        raise BackendUnavailable(
+            f"no backend can run {directory} here ({'; '.join(passed)})"
+        ) from e

@@ -35,6 +35,12 @@ class ExportError(ValueError):
     and what to do."""
 
 
+class BackendUnavailable(ExportError):
+    """A backend this machine cannot run (a package, a GPU or a graph is missing). ``load_export
+    (backend="auto")`` passes over it to the next backend; a missing or modified artefact is a
+    plain :class:`ExportError` and stops it."""
+
+
 @dataclass
 class Artefact:
     """One file of the directory: its SHA-256 and size, and free-form facts about it (e.g. a
@@ -126,6 +132,15 @@ class Manifest:
         art = Artefact(sha256_file(path), path.stat().st_size, dict(info))
         self.artefacts[name] = art
         return art
+
+
+def is_export_directory(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a readable export manifest (what ``--force`` may replace)."""
+    try:
+        Manifest.read(directory)
+    except (ExportError, OSError, UnicodeDecodeError):
+        return False
+    return True
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

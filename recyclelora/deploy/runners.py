@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,9 +101,10 @@ class OnnxRuntimeRunner(Runner):
     """``onnxruntime.InferenceSession`` on ``model.onnx`` (input ``images``, output ``logits``).
 
     providers: default every provider of :data:`PROVIDER_ORDER` this build offers (the session
-    uses the first that accepts the graph). threads: intra-op threads; None leaves ORT's default
-    (one per physical core). shared_arena: take CPU working memory from the process's one
-    shared arena (:func:`share_cpu_arena`) rather than from an arena of the session's own.
+    uses the first that accepts the graph); each a name or (name, provider options). threads:
+    intra-op threads; None leaves ORT's default (one per physical core). shared_arena: take CPU
+    working memory from the process's one shared arena (:func:`share_cpu_arena`) rather than
+    from an arena of the session's own.
     """
 
     name = "onnxruntime"
@@ -111,7 +113,7 @@ class OnnxRuntimeRunner(Runner):
         self,
         graph: str | Path,
         manifest: Manifest,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
         threads: int | None = None,
         shared_arena: bool = False,
     ) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import write_bytes
-from .manifest import ONNX, ExportError, Manifest, verify_artefact
+from .manifest import ONNX, BackendUnavailable, Manifest, verify_artefact
 from .onnx_precision import variant_name
 from .runner import Runner
 
@@ -63,6 +63,12 @@ def engine_name(gpu_name: str, trt_version: str, precision: str) -> str:
 def timing_cache_name(gpu_name: str, trt_version: str) -> str:
     """``model.<gpu>.trt<version>.timing.cache``: tactic timings, shared by all precisions."""
     return f"model.{_slug(gpu_name)}.trt{_slug(trt_version)}.timing.cache"
+
+
+def profile_batches(max_batch: int) -> tuple[int, int]:
+    """(opt, max) batch of the engine profile for an export of ``max_batch``: tuned for the
+    batches ``segment`` sends, and taking at least the windows of one 1024 x 2048 frame at once."""
+    return max_batch, max(max_batch, DEFAULT_MAX_BATCH)
 
 
 def onnx_for(precision: str) -> str:
@@ -205,12 +211,14 @@ def engine_for(
             current = Manifest.read(export_dir)  # another process may have built it meanwhile
             if name not in current.artefacts:
                 graph = verify_artefact(export_dir, current, onnx_for(precision))
+                opt, top = profile_batches(current.max_batch)
                 engine, info = build(
                     graph,
                     export_dir,
                     precision=precision,
                     input_size=current.input_size,
-                    max_batch=current.max_batch,
+                    max_batch=top,
+                    opt_batch=opt,
                     **build_options,
                 )
                 if engine.name != name:
@@ -227,9 +235,10 @@ def trtexec_command(
     export_dir: str | Path,
     precision: str,
     *,
-    gpu_name: str,
-    trt_version: str,
     input_size: tuple[int, int] | list[int],
+    gpu_name: str = "",
+    trt_version: str = "",
+    save_as: str | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     opt_batch: int | None = None,
     workspace_gib: float = DEFAULT_WORKSPACE_GIB,
@@ -237,15 +246,17 @@ def trtexec_command(
     """The ``trtexec`` line that builds the engine :func:`build_engine` builds.
 
     Both TensorRT 10 and 11 take ``--stronglyTyped`` (11 types every network strongly anyway)
-    on the graph that already holds the precision; 11 has no ``--fp16`` / ``--bf16``.
+    on the graph that already holds the precision; 11 has no ``--fp16`` / ``--bf16``. The
+    engine is saved as :func:`engine_name` of ``gpu_name`` and ``trt_version``, or ``save_as``.
     """
     d = Path(export_dir)
+    engine = save_as or engine_name(gpu_name, trt_version, precision)
     h, w = (int(s) for s in input_size)
     opt = max_batch if opt_batch is None else opt_batch
     args = [
         "trtexec",
         f"--onnx={d / onnx_for(precision)}",
-        f"--saveEngine={d / engine_name(gpu_name, trt_version, precision)}",
+        f"--saveEngine={d / engine}",
         f"--minShapes={INPUT}:1x3x{h}x{w}",
         f"--optShapes={INPUT}:{opt}x3x{h}x{w}",
         f"--maxShapes={INPUT}:{max_batch}x3x{h}x{w}",
@@ -317,7 +328,9 @@ class TensorRTRunner(Runner):
         if precision is None:
             held = [p for p in ("fp16", "bf16", "fp32") if onnx_for(p) in manifest.artefacts]
             if not held:
-                raise ExportError(f"{export_dir} has no ONNX graph to build a TensorRT engine")
+                raise BackendUnavailable(
+                    f"{export_dir} has no ONNX graph to build a TensorRT engine from"
+                )
             precision = held[0]
         import torch
 
