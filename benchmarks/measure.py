@@ -161,12 +161,23 @@ def versions() -> dict[str, str]:
     return out
 
 
+def shown(path: str | Path) -> str:
+    """A path as the repository's text shows it: relative to the root where it is inside."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
+def _shown_argument(arg: str) -> str:
+    """An absolute path inside the repository, alone or as ``--option=PATH``, shown relative."""
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    return f"{flag}{eq}{shown(value)}" if Path(value).is_absolute() else arg
+
+
 def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command as typed from the repository root: ``python <script relative> args``."""
+    """The command as typed from the repository root: ``python <script> args``, with paths
+    inside the repository relative to it (no machine's folders in recorded results)."""
     argv = list(sys.argv if argv is None else argv)
-    script = Path(argv[0]).resolve()
-    shown = script.relative_to(REPO) if script.is_relative_to(REPO) else Path(argv[0])
-    return shlex.join(["python", str(shown), *argv[1:]])
+    return shlex.join(["python", shown(argv[0]), *map(_shown_argument, argv[1:])])
 
 
 def environment() -> dict[str, Any]:

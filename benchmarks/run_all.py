@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import REPO, device_line, versions  # noqa: E402
+from measure import REPO, device_line, shown, versions  # noqa: E402
 
 from recyclelora.atomic import write_text  # noqa: E402
 
@@ -110,12 +110,6 @@ def tables(stdout: str) -> list[str]:
             out.append("\n".join(current))
             current = []
     return out
-
-
-def shown(path: Path) -> str:
-    """A path as the repository's text shows it: relative to the root where it is inside."""
-    resolved = path.resolve()
-    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
 def section(command: str, seconds: float, printed: Sequence[str]) -> str:

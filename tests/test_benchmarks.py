@@ -122,6 +122,17 @@ def test_ratio_ci_refuses_unpaired_or_non_positive_samples():
         measure.paired_ratio_ci([1.0, 0.0], [1.0, 2.0])
 
 
+def test_recorded_commands_name_repository_paths_relative_to_it():
+    inside = str(measure.REPO / "benchmarks" / "out")
+    got = measure.command_line(
+        [str(BENCH / "latency.py"), "--out", inside, f"--results={inside}/R.md", "--x=/elsewhere"]
+    )
+    assert got == (
+        "python benchmarks/latency.py --out benchmarks/out --results=benchmarks/out/R.md "
+        "--x=/elsewhere"
+    )
+
+
 def test_one_repetition_gives_a_ratio_but_no_interval():
     import latency
 

@@ -28,6 +28,7 @@ from recyclelora.deploy.onnx_graph import TENSORRT_OPS, base_graph_facts, graph_
 from recyclelora.models import build_model
 from recyclelora.recipes import to_dict
 
+from .onnx_trace import trace
 from .test_checkpoints_loader import tiny_recipe, trained_tiny
 from .test_checkpoints_mmseg import CFG, authors_state, write_mmengine_checkpoint
 
@@ -206,17 +207,7 @@ def test_graph_has_no_overhead_and_only_tensorrt_ops(exported):
     facts = graph_facts(out / "model.onnx")
     plain = plain_from_safetensors(out, Manifest.read(out))
     base_path = out.parent / "plain.onnx"  # traced here, with torch's exporter directly
-    torch.onnx.export(
-        plain,
-        (torch.full((2, 3, CROP, CROP), 128.0),),
-        str(base_path),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=8)}},
-        opset_version=18,
-        dynamo=True,
-        verbose=False,
-    )
+    trace(plain, torch.full((2, 3, CROP, CROP), 128.0), base_path)
 
     def histogram_and_initializers(path):
         graph = onnx.load(str(path)).graph

@@ -24,6 +24,8 @@ from onnx.reference import ReferenceEvaluator  # noqa: E402
 from recyclelora.deploy.manifest import ExportError  # noqa: E402
 from recyclelora.deploy.onnx_precision import reduced_precision_onnx, variant_name  # noqa: E402
 
+from .onnx_trace import trace  # noqa: E402
+
 KEPT = {"LayerNormalization", "Softmax", "InstanceNormalization"}
 
 
@@ -173,16 +175,7 @@ def tiny_export(tmp_path_factory):
     model = build_model("tiny", adapters=None, deform_attn_impl="gather", img_size=64).eval()
     x = images(2, 64, seed=1)
     path = tmp_path_factory.mktemp("tiny") / "model.onnx"
-    torch.onnx.export(
-        model,
-        (torch.from_numpy(x),),
-        str(path),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=8)}},
-        opset_version=18,
-        dynamo=True,
-    )
+    trace(model, torch.from_numpy(x), path)
     with torch.no_grad():
         logits = model(torch.from_numpy(x)).numpy()
     return path, x, logits

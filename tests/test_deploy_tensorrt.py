@@ -22,6 +22,8 @@ import pytest
 from recyclelora.deploy import tensorrt as rt
 from recyclelora.deploy.manifest import Artefact, ExportError, Manifest, sha256_file
 
+from .onnx_trace import trace
+
 ENV = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.7.0"}
 ENGINE = "model.nvidia-h100-80gb-hbm3.trt10.7.0.fp16.plan"
 NO_GPU = "needs an NVIDIA GPU with the tensorrt package; this machine has neither"
@@ -256,16 +258,7 @@ def test_tensorrt_engines_match_onnxruntime(tmp_path):
     model = build_model("tiny", adapters=None, deform_attn_impl="gather", img_size=64).eval()
     x = (np.random.default_rng(0).random((3, 3, 64, 64)) * 255).astype(np.float32)
     onnx_path = tmp_path / "model.onnx"
-    torch.onnx.export(
-        model,
-        (torch.from_numpy(x),),
-        str(onnx_path),
-        input_names=["images"],
-        output_names=["logits"],
-        opset_version=18,
-        dynamo=True,
-        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=8)}},
-    )
+    trace(model, torch.from_numpy(x), onnx_path)
     reduced_precision_onnx(onnx_path, tmp_path / "model.fp16.onnx", "fp16")
     manifest = make_manifest()
     manifest.classes, manifest.input_size, manifest.max_batch = (

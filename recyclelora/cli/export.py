@@ -22,6 +22,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from ..checkpoints import LoadedModel, export_mmseg_checkpoint, inspect_checkpoi
 from ..checkpoints.soma_mmseg import export_soma_checkpoint, is_soma_model
 from ..checkpoints.training import newest_checkpoint
 from . import fail
+
+if TYPE_CHECKING:
+    from ..deploy.manifest import Manifest
 
 RUNS = Path("runs")
 EXPORTS = Path("exports")
@@ -180,8 +184,7 @@ def _tensorrt_missing() -> str | None:
     return None if ok else why
 
 
-def _no_engine_message(out: Path, precision: str, why: str, max_batch: int, size) -> str:
-    from ..deploy.manifest import Manifest
+def _no_engine_message(out: Path, manifest: Manifest, precision: str, why: str) -> str:
     from ..deploy.tensorrt import onnx_for, profile_batches, trtexec_command
 
     again = shlex.join(
@@ -195,17 +198,17 @@ def _no_engine_message(out: Path, precision: str, why: str, max_batch: int, size
             precision,
         ]
     )
-    opt, top = profile_batches(max_batch)
+    opt, top = profile_batches(manifest.max_batch)
     trtexec = trtexec_command(
         out,
         precision,
         save_as=f"model.trtexec.{precision}.plan",
-        input_size=size,
+        input_size=manifest.input_size,
         max_batch=top,
         opt_batch=opt,
     )
     graph = onnx_for(precision)
-    held = graph in Manifest.read(out).artefacts
+    held = graph in manifest.artefacts
     variant = "" if held else f", after the line above has written {graph}"
     return (
         f"no TensorRT engine was built: {why}. Everything else is in {out}. On the GPU machine, "
@@ -290,10 +293,7 @@ def _export(args: argparse.Namespace) -> int:
         graph_precision=args.precision if args.trt and missing is not None else None,
     )
     if missing is not None:
-        size = Manifest.read(out).input_size
-        print(
-            _no_engine_message(out, args.precision, missing, args.max_batch, size), file=sys.stderr
-        )
+        print(_no_engine_message(out, Manifest.read(out), args.precision, missing), file=sys.stderr)
         return NO_ENGINE
     return 0
 
@@ -305,9 +305,8 @@ def _from_export(args: argparse.Namespace) -> int:
     manifest = Manifest.read(args.from_export)
     missing = _tensorrt_missing()
     if missing is not None:
-        size = manifest.input_size
         print(
-            _no_engine_message(args.from_export, args.precision, missing, manifest.max_batch, size),
+            _no_engine_message(args.from_export, manifest, args.precision, missing),
             file=sys.stderr,
         )
         return NO_ENGINE

@@ -390,6 +390,15 @@ ENGINE_LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
+def precision_check(reference: np.ndarray, got: np.ndarray, precision: str) -> dict[str, Any]:
+    """:func:`runtime_check` against the bounds of ``precision`` (:data:`ENGINE_LIMITS`)."""
+    check = runtime_check(reference, got)
+    limit, agreement = ENGINE_LIMITS[precision]
+    check.update(limit=limit, argmax_limit=agreement)
+    check["passed"] = check["rel_error"] < limit and check["argmax_agreement"] >= agreement
+    return check
+
+
 def add_precision_graph(
     directory: Path, manifest: Manifest, report: dict[str, Any], precision: str, images: np.ndarray
 ) -> str:
@@ -418,10 +427,7 @@ def add_precision_graph(
         check = {"checked": False, "why": f"ONNX Runtime CPU cannot run it: {str(e)[:200]}"}
     else:
         reference = onnxruntime_logits(directory / ONNX, images, manifest.max_batch)
-        check = runtime_check(reference, got)
-        limit, agreement = ENGINE_LIMITS[precision]
-        check.update(limit=limit, argmax_limit=agreement, checked=True)
-        check["passed"] = check["rel_error"] < limit and check["argmax_agreement"] >= agreement
+        check = {**precision_check(reference, got, precision), "checked": True}
         if not check["passed"]:
             path.unlink(missing_ok=True)
             data.unlink(missing_ok=True)
@@ -451,10 +457,8 @@ def add_engine(
     runner = TensorRTRunner(engine, manifest.input_size, manifest.max_batch, manifest.num_classes)
     images = np.ascontiguousarray(images, dtype=np.float32)
     reference = onnxruntime_logits(directory / ONNX, images, manifest.max_batch)
-    check = runtime_check(reference, runner.predict_crops(images))
-    limit, agreement = ENGINE_LIMITS[precision]
-    check.update(limit=limit, argmax_limit=agreement, engine=engine.name)
-    check["passed"] = check["rel_error"] < limit and check["argmax_agreement"] >= agreement
+    check = precision_check(reference, runner.predict_crops(images), precision)
+    check["engine"] = engine.name
     if not check["passed"]:
         engine.unlink(missing_ok=True)
         manifest.artefacts.pop(engine.name, None)
